@@ -145,8 +145,8 @@ def linear_attention(
 
     Causal: within each chunk of ``chunk_size`` tokens the scores are computed directly (for the
     Taylor maps as ``1 + s + s^2/2`` from q.k, never forming phi(q) phi(k)^T over D'), and the
-    earlier chunks enter through prefix sums of the chunk states ``phi(k)^T [v, 1]``, so memory
-    is linear in T. Non-causal: every query sees every key (vision use); no state.
+    earlier chunks enter through the running state ``sum phi(k)^T [v, 1]``, so memory is linear in
+    T (constant apart from the output when gradients are off). Non-causal: every query sees every key (vision use); no state.
 
     ``initial_state`` continues a sequence; ``return_final_state=True`` returns ``(y, state)``.
     ``key_padding_mask: [B, T]`` (True = real token) keeps padded keys out of every sum and state.
@@ -193,49 +193,36 @@ def linear_attention(
         out = phi(qf) @ (phi_k.transpose(-1, -2) @ vf)
         return _normalize(out, eps).transpose(1, 2).to(q.dtype)
 
-    chunk = min(chunk_size, length) if length > 0 else 1
-    padded = -(-length // chunk) * chunk
-    if padded != length:  # pad at the end; padded keys are zeroed below so no state sees them
-        pad = padded - length
-        qf = torch.nn.functional.pad(qf, (0, 0, 0, pad))
-        kf = torch.nn.functional.pad(kf, (0, 0, 0, pad))
-        vf = torch.nn.functional.pad(vf, (0, 0, 0, pad))  # the ones column becomes 0 there too
-    n_chunks = padded // chunk
-    qc = qf.reshape(batch, heads, n_chunks, chunk, f)
-    kc = kf.reshape(batch, heads, n_chunks, chunk, f)
-    vc = vf.reshape(batch, heads, n_chunks, chunk, value_dim + 1)
-
-    # Intra-chunk: causal scores inside each chunk.
-    if taylor_symmetric is not None:
-        s = (qc @ kc.transpose(-1, -2)) * (f ** -0.5)
-        scores = torch.addcmul(1.0 + s, s, s, value=0.5)  # 1 + s + s^2/2
-    else:
-        scores = phi(qc) @ phi(kc).transpose(-1, -2)
-    causal_mask = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
-    scores = scores.masked_fill(~causal_mask, 0.0)
-    out = scores @ vc  # masked/padded keys have zero rows in vc, so they add nothing
-
-    # Inter-chunk: each chunk reads the state of all chunks before it.
-    phi_k = phi(kc)  # [B, H, N, C, D']
-    if key_mask is not None or padded != length:
-        phi_k = phi_k * vc[..., -1:]  # the ones column is 0 for padded/masked keys
-    chunk_states = phi_k.transpose(-1, -2) @ vc  # [B, H, N, D', Dv + 1]
-    prefix = torch.cumsum(chunk_states, dim=2)
-    before = torch.cat([torch.zeros_like(prefix[:, :, :1]), prefix[:, :, :-1]], dim=2)
+    # Walk the sequence chunk by chunk: every intermediate is a few MB and stays in cache, which on
+    # CPU is several times faster than materialising phi(q), phi(k) and all chunk states for the
+    # whole sequence at once (measured: docs/benchmarks.md).
     if initial_state is not None:
-        initial = torch.cat([initial_state.kv, initial_state.k_sum.unsqueeze(-1)], dim=-1).to(compute)
-        before = before + initial[:, :, None]
-    phi_q = phi(qc)
-    out = out + phi_q @ before
-    y = _normalize(out, eps).reshape(batch, heads, padded, value_dim)[:, :, :length]
-    y = y.transpose(1, 2).to(q.dtype)
+        state = torch.cat([initial_state.kv, initial_state.k_sum.unsqueeze(-1)], dim=-1).to(compute)
+    else:
+        state = qf.new_zeros(batch, heads, feature_dim_of(feature_map, f), value_dim + 1)
+    causal_mask = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
+    outputs = []
+    for start in range(0, length, chunk_size):
+        q_chunk = qf[:, :, start : start + chunk_size]
+        k_chunk = kf[:, :, start : start + chunk_size]
+        v_chunk = vf[:, :, start : start + chunk_size]  # masked keys have all-zero rows here
+        size = q_chunk.shape[2]
+        phi_q, phi_k = phi(q_chunk), phi(k_chunk)
+        if taylor_symmetric is not None:  # 1 + s + s^2/2 straight from q.k: f-wide, not D'-wide
+            s = (q_chunk @ k_chunk.transpose(-1, -2)) * (f ** -0.5)
+            scores = torch.addcmul(1.0 + s, s, s, value=0.5)
+        else:
+            scores = phi_q @ phi_k.transpose(-1, -2)
+        scores = scores.masked_fill(~causal_mask[:size, :size], 0.0)
+        outputs.append(scores @ v_chunk + phi_q @ state)
+        if key_mask is not None:
+            phi_k = phi_k * v_chunk[..., -1:]  # the ones column is 0 for masked keys
+        state = state + phi_k.transpose(-1, -2) @ v_chunk
+    out = torch.cat(outputs, dim=2) if outputs else vf.new_zeros(batch, heads, 0, value_dim + 1)
+    y = _normalize(out, eps).transpose(1, 2).to(q.dtype)
     if not return_final_state:
         return y
-    final = prefix[:, :, -1]
-    if initial_state is not None:
-        final = final + initial
-    state = LinearAttentionState(kv=final[..., :-1].contiguous(), k_sum=final[..., -1].contiguous())
-    return y, state
+    return y, LinearAttentionState(kv=state[..., :-1].contiguous(), k_sum=state[..., -1].contiguous())
 
 
 def linear_attention_step(
