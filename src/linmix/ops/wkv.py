@@ -1,0 +1,427 @@
+"""WKV: the RWKV token mixing sum, bidirectional (Vision-RWKV) and causal (RWKV-4).
+
+Layout: ``k, v: [B, T, C]`` (batch, time, channels); ``w, u: [C]`` (one decay and one bonus per
+channel). One-token tensors are ``[B, C]``.
+
+Bidirectional (Vision-RWKV's Bi-WKV, spec RWKV-SAM section 2). ``w`` and ``u`` are used as given:
+the Vision-RWKV block passes ``w / T`` and ``u / T`` and applies no exp to ``w``, which may be
+negative::
+
+    y_t = [ sum_{i != t} exp(-(|t-i|-1) w + k_i) v_i + exp(u + k_t) v_t ]
+        / [ sum_{i != t} exp(-(|t-i|-1) w + k_i)     + exp(u + k_t)     ]
+
+Causal (RWKV-4, the causal half of the same sum). The RWKV-4 layer passes ``w = exp(time_decay) > 0``::
+
+    y_t = [ sum_{i<t} exp(-(t-1-i) w + k_i) v_i + exp(u + k_t) v_t ]
+        / [ sum_{i<t} exp(-(t-1-i) w + k_i)     + exp(u + k_t)     ]
+
+Forms:
+
+- :func:`bi_wkv_reference` / :func:`causal_wkv_reference`: the quadratic T x T forms in fp64 with a
+  row-max-shifted softmax, the test oracles.
+- :func:`bi_wkv`: the O(T) vectorised form (no Python loop over time; cumsum / exp / max / where
+  only, so it traces and exports with a dynamic T). See its docstring for the numerics.
+- :func:`causal_wkv`: the chunked form for training and prefill (exact intra-chunk sums with a
+  per-row max, a max-tracked state carried across chunks), with state in and out.
+- :func:`causal_wkv_step`: one token of the recurrence over :class:`WKVState` (RWKV-4's
+  numerically stable numerator ``a``, denominator ``b`` and running exponent ``p``).
+
+Half-precision inputs are computed in fp32 (fp64 stays fp64); outputs keep the input dtype. Keys may
+be ``-inf`` (masked or padded positions): they contribute nothing, and no NaN is produced even where
+a row has no key at all (such outputs are 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from linmix.ops._checks import accumulation_dtype, require_positive_int, require_same, require_shape
+from linmix.ops.state import MixerState
+
+# "No contribution yet" exponent of an empty state: finite (so that differences of exponents never
+# meet -inf - -inf), yet exp(_EMPTY_EXPONENT - anything real) is exactly 0 in fp32.
+_EMPTY_EXPONENT = -1e38
+_NEG_INF = float("-inf")
+
+
+@dataclasses.dataclass
+class WKVState(MixerState):
+    """Causal WKV state, per (batch, channel), fp32 (fp64 for fp64 inputs).
+
+    ``exp(p) * a`` and ``exp(p) * b`` are the numerator and denominator sums
+    ``sum_{i<t} exp(-(t-1-i) w + k_i) (v_i, 1)`` as seen by the next token ``t``; ``p`` is the
+    running max exponent that keeps ``a`` and ``b`` in range (RWKV-4's stable form).
+    Shapes: a, b, p: [B, C]. The empty state is ``a = b = 0``, ``p = -1e38``.
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+    p: torch.Tensor
+
+    @classmethod
+    def empty(cls, batch_size: int, channels: int, *, device=None, dtype=torch.float32) -> "WKVState":
+        return cls(
+            a=torch.zeros(batch_size, channels, device=device, dtype=dtype),
+            b=torch.zeros(batch_size, channels, device=device, dtype=dtype),
+            p=torch.full((batch_size, channels), _EMPTY_EXPONENT, device=device, dtype=dtype),
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# validation and small helpers
+
+
+def _check_wkv_inputs(w, u, k, v) -> None:
+    require_shape("k", k, "[B, T, C]", 3)
+    require_shape("v", v, "[B, T, C]", 3)
+    require_same("k, v", "shape [B, T, C]", tuple(k.shape), tuple(v.shape))
+    channels = k.shape[-1]
+    for name, tensor in (("w", w), ("u", u)):
+        require_shape(name, tensor, f"[C] = [{channels}]", 1)
+        if tensor.shape[0] != channels:
+            raise ValueError(
+                f"{name} must have shape [C] = [{channels}] (C from k, v: [B, T, C] = {tuple(k.shape)}), "
+                f"got shape {tuple(tensor.shape)}"
+            )
+
+
+def _check_state(state, batch: int, channels: int) -> None:
+    if not isinstance(state, WKVState):
+        raise ValueError(f"state must be a WKVState (a, b, p of shape [B, C] = [{batch}, {channels}]), got {type(state).__name__}")
+    for name in ("a", "b", "p"):
+        tensor = getattr(state, name)
+        require_shape(f"state.{name}", tensor, f"[B, C] = [{batch}, {channels}]", 2)
+        if tuple(tensor.shape) != (batch, channels):
+            raise ValueError(f"state.{name} must have shape [B, C] = [{batch}, {channels}], got {tuple(tensor.shape)}")
+
+
+def _compute_dtypes(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
+    out_dtype = torch.promote_types(k.dtype, v.dtype)
+    return out_dtype, accumulation_dtype(out_dtype)
+
+
+def _finite_or_zero(exponent: torch.Tensor) -> torch.Tensor:
+    """A shift to subtract: -inf (no term at all) becomes 0 so that exp(-inf - shift) = 0, not NaN."""
+    return torch.where(exponent == _NEG_INF, torch.zeros_like(exponent), exponent)
+
+
+def _safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """numerator / denominator, 0 where the denominator is 0 (with NaN-free gradients)."""
+    positive = denominator > 0
+    return torch.where(positive, numerator / torch.where(positive, denominator, torch.ones_like(denominator)), torch.zeros_like(numerator))
+
+
+def _safe_log(x: torch.Tensor) -> torch.Tensor:
+    """log(x) for x >= 0, -inf at 0 (with NaN-free gradients)."""
+    positive = x > 0
+    return torch.where(positive, torch.log(torch.where(positive, x, torch.ones_like(x))), torch.full_like(x, _NEG_INF))
+
+
+def _exclusive_cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """sum_{j' < j} x_j' along ``dim`` (shifted inclusive cumsum: no subtraction, no cancellation)."""
+    inclusive = torch.cumsum(x, dim=dim)
+    return torch.cat([torch.zeros_like(inclusive.narrow(dim, 0, 1)), inclusive.narrow(dim, 0, x.shape[dim] - 1)], dim=dim)
+
+
+def _exclusive_reverse_cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """sum_{j' > j} x_j' along ``dim``."""
+    return _exclusive_cumsum(x.flip(dim), dim).flip(dim)
+
+
+# --------------------------------------------------------------------------------------------------
+# bidirectional WKV
+
+
+def _row_blocks(rows: int, row_elements: int, budget: int = 1 << 22):
+    block = max(1, budget // max(1, row_elements))
+    for start in range(0, rows, block):
+        yield start, min(rows, start + block)
+
+
+def _softmax_rows(exponent: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """sum_i softmax_i(exponent[..., i, :]) v_i over dim -2, row-max shifted; rows with no term give 0."""
+    shift = _finite_or_zero(exponent.amax(dim=-2, keepdim=True)).detach()
+    weights = torch.exp(exponent - shift)
+    return _safe_divide((weights * v).sum(dim=-2), weights.sum(dim=-2))
+
+
+def bi_wkv_reference(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Bidirectional WKV by the quadratic formula in fp64 (the oracle). w, u: [C]; k, v: [B, T, C] -> [B, T, C].
+
+    Rows are processed in blocks to bound memory (the whole form is O(T^2 C) time); differentiable.
+    """
+    _check_wkv_inputs(w, u, k, v)
+    out_dtype, _ = _compute_dtypes(k, v)
+    w, u, k, v = (t.to(torch.float64) for t in (w, u, k, v))
+    batch, length, channels = k.shape
+    positions = torch.arange(length, device=k.device)
+    outputs = []
+    for start, stop in _row_blocks(length, batch * length * channels):
+        rows = positions[start:stop]
+        distance = (rows[:, None] - positions[None, :]).abs().to(torch.float64)  # [R, T]
+        exponent = -(distance[..., None] - 1) * w + k[:, None, :, :]  # [B, R, T, C]
+        diagonal = (rows[:, None] == positions[None, :])[None, :, :, None]
+        exponent = torch.where(diagonal, (u + k)[:, None, :, :], exponent)
+        outputs.append(_softmax_rows(exponent, v[:, None, :, :]))
+    return torch.cat(outputs, dim=1).to(out_dtype)
+
+
+def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chunk_size: int = 64) -> torch.Tensor:
+    """Bidirectional WKV in O(T): w, u: [C]; k, v: [B, T, C] -> [B, T, C] (see the module docstring).
+
+    Written with prefix / suffix sums only (cumsum, exp, max, where, no loop over time), so it is
+    differentiable by autograd and exports to ONNX with a dynamic T.
+
+    Numerics. The forward-direction sum of token t is ``exp(-(t-1) w) * sum_{i<t} exp(k_i + i w) v_i``
+    (the backward one uses ``k_i - i w``). A single shift for the whole sequence is exact only while
+    ``T |w|`` is moderate, so the sequence is cut into chunks of ``chunk_size`` tokens:
+
+    - inside a chunk, prefix / suffix sums of ``exp(k_i +- j w - m_chunk)`` with chunk-local offsets
+      ``j`` and the chunk's own max ``m_chunk``;
+    - across chunks, each chunk's total (a fixed mix of its tokens, whatever the query outside it)
+      is combined with a chunk x chunk matrix of exponents ``m_c' -+ (c - c') chunk_size w``
+      shifted by its row max, exactly like the quadratic oracle at chunk granularity;
+    - the parts of each token (forward, backward, its own bonus term) are added in the log domain.
+
+    Nothing can overflow or turn into NaN for any finite w, u, k. The result is exact to fp32
+    rounding while ``chunk_size * |w|`` stays below about 20 (the in-chunk prefix sums then span
+    less than e^40 of the e^87 fp32 range): with Vision-RWKV's ``w / T`` this holds for any T
+    whenever |w| <= 20, since the in-chunk span is at most ``(T - 1) |w| / T``. For large per-token
+    ``|w|`` pass a smaller ``chunk_size`` (``chunk_size=1`` has no in-chunk sums and holds for any
+    w, at O(T^2) cost). Whatever the chunking, the sum is conditioned like ``T |w| eps`` in w, so
+    fp32 results carry that much error once ``T |w|`` is in the hundreds.
+    Memory is O(B T C + B (T / chunk_size)^2 C). A torch.export / ONNX graph keeps T dynamic
+    (torch.export specialises away T <= chunk_size; the ONNX graph runs every T).
+    """
+    _check_wkv_inputs(w, u, k, v)
+    require_positive_int("chunk_size", chunk_size)
+    out_dtype, dtype = _compute_dtypes(k, v)
+    w, u, k, v = (t.to(dtype) for t in (w, u, k, v))
+    batch, length, channels = k.shape
+    size = chunk_size
+
+    # Pad T up to whole chunks with keys that contribute nothing (the last chunk keeps >= 1 real token).
+    pad = (-length) % size
+    k = F.pad(k, (0, 0, 0, pad), value=_NEG_INF)
+    v = F.pad(v, (0, 0, 0, pad))
+    k = k.reshape(batch, -1, size, channels)  # [B, N, L, C]
+    v = v.reshape(batch, -1, size, channels)
+    chunks = k.shape[1]
+
+    offset = torch.arange(size, device=k.device, dtype=dtype)[:, None]  # j, [L, 1]
+    ramp = offset * w  # j w, [L, C]
+
+    def one_direction(sign: float):
+        # sign +1: keys before the query (exponent k_i + j_i w); -1: keys after it (k_i - j_i w).
+        exponent = k + sign * ramp  # [B, N, L, C]
+        chunk_max = exponent.amax(dim=2, keepdim=True).detach()  # [B, N, 1, C], -inf for an empty chunk
+        terms = torch.exp(exponent - _finite_or_zero(chunk_max))
+        weighted = terms * v
+        if sign > 0:
+            inner_num, inner_den = _exclusive_cumsum(weighted, 2), _exclusive_cumsum(terms, 2)
+        else:
+            inner_num, inner_den = _exclusive_reverse_cumsum(weighted, 2), _exclusive_reverse_cumsum(terms, 2)
+        total_num, total_den = weighted.sum(dim=2), terms.sum(dim=2)  # chunk totals [B, N, C], scale chunk_max
+
+        # Chunk c receives chunk c' (c' < c forward, c' > c backward) with exponent
+        # chunk_max[c'] - |c - c'| L w, on top of its per-token factor.
+        index = torch.arange(chunks, device=k.device)
+        gap = index[:, None] - index[None, :]  # c - c', [N, N]
+        receives = gap > 0 if sign > 0 else gap < 0
+        gap_decay = (gap.abs().to(dtype) * size)[..., None] * w  # [N, N, C]
+        cross = chunk_max[:, None, :, 0, :] - gap_decay  # [B, N(c), N(c'), C]
+        cross = torch.where(receives[None, :, :, None], cross, torch.full_like(cross, _NEG_INF))
+        cross_max = cross.amax(dim=2).detach()  # [B, N, C], -inf for a chunk receiving nothing
+        cross_weights = torch.exp(cross - _finite_or_zero(cross_max)[:, :, None, :])
+        outer_num = (cross_weights * total_num[:, None]).sum(dim=2)
+        outer_den = (cross_weights * total_den[:, None]).sum(dim=2)
+
+        # Merge the in-chunk and cross-chunk sums on one shift per chunk.
+        chunk_max = chunk_max[:, :, 0, :]
+        shift = torch.maximum(chunk_max, cross_max)
+        safe_shift = _finite_or_zero(shift)
+        inner_scale = torch.exp(chunk_max - safe_shift)[:, :, None, :]
+        outer_scale = torch.exp(cross_max - safe_shift)[:, :, None, :]
+        numerator = inner_num * inner_scale + outer_num[:, :, None, :] * outer_scale
+        denominator = inner_den * inner_scale + outer_den[:, :, None, :] * outer_scale
+        # Per-token factor: exp(-(j-1) w) forward, exp((j+1) w) backward.
+        log_scale = safe_shift[:, :, None, :] - sign * (offset - sign) * w
+        return numerator, denominator, log_scale
+
+    parts = []
+    for sign in (1.0, -1.0):
+        numerator, denominator, log_scale = one_direction(sign)
+        # Each part as (its mean of v, its log-weight): a tiny sum at a large scale stays exact.
+        parts.append((_safe_divide(numerator, denominator), log_scale + _safe_log(denominator)))
+    parts.append((v, u + k))  # the token's own term
+    top = _finite_or_zero(torch.maximum(torch.maximum(parts[0][1], parts[1][1]), parts[2][1])).detach()
+    numerator = torch.zeros_like(v)
+    denominator = torch.zeros_like(v)
+    for mean, log_weight in parts:
+        weight = torch.exp(log_weight - top)
+        numerator = numerator + weight * mean
+        denominator = denominator + weight
+    y = _safe_divide(numerator, denominator)
+    return y.reshape(batch, -1, channels)[:, :length].to(out_dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# causal WKV
+
+
+def causal_wkv_reference(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal WKV by the quadratic formula in fp64 (the oracle). w, u: [C]; k, v: [B, T, C] -> [B, T, C]."""
+    _check_wkv_inputs(w, u, k, v)
+    out_dtype, _ = _compute_dtypes(k, v)
+    w, u, k, v = (t.to(torch.float64) for t in (w, u, k, v))
+    batch, length, channels = k.shape
+    positions = torch.arange(length, device=k.device)
+    outputs = []
+    for start, stop in _row_blocks(length, batch * length * channels):
+        rows = positions[start:stop]
+        distance = (rows[:, None] - 1 - positions[None, :]).to(torch.float64)  # t - 1 - i, [R, T]
+        exponent = -distance[..., None] * w + k[:, None, :, :]  # [B, R, T, C]
+        diagonal = (rows[:, None] == positions[None, :])[None, :, :, None]
+        future = (positions[None, :] > rows[:, None])[None, :, :, None]
+        exponent = torch.where(diagonal, (u + k)[:, None, :, :], exponent)
+        exponent = torch.where(future, torch.full_like(exponent, _NEG_INF), exponent)
+        outputs.append(_softmax_rows(exponent, v[:, None, :, :]))
+    return torch.cat(outputs, dim=1).to(out_dtype)
+
+
+def causal_wkv(
+    w: torch.Tensor,
+    u: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: WKVState | None = None,
+    return_state: bool = False,
+    *,
+    mask: torch.Tensor | None = None,
+    chunk_size: int = 16,
+):
+    """Causal WKV over a whole sequence, chunked. w, u: [C]; k, v: [B, T, C] -> y [B, T, C].
+
+    ``state`` (a :class:`WKVState`) continues from a previous call; with ``return_state=True`` the
+    result is ``(y, final_state)``. ``mask: [B, T]`` (bool, True = real token) removes tokens
+    entirely: a masked token contributes nothing and does not count as a time step for the decay,
+    so a left-padded (or holed) row gives exactly the outputs and state of its real tokens alone.
+    Without ``mask``, a ``-inf`` key also contributes nothing but still counts as a step.
+
+    Inside each chunk of ``chunk_size`` tokens the sums are the quadratic form with a per-row max
+    (exact for any w, k); the state crosses chunk borders in RWKV-4's max-tracked form. The loop
+    over chunks runs T / chunk_size times; memory for autograd is O(B T chunk_size C).
+    """
+    _check_wkv_inputs(w, u, k, v)
+    require_positive_int("chunk_size", chunk_size)
+    batch, length, channels = k.shape
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (batch, length):
+            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"mask must have shape [B, T] = {(batch, length)}, got {shape}")
+        mask = mask.to(device=k.device, dtype=torch.bool)
+    if state is not None:
+        _check_state(state, batch, channels)
+    out_dtype, dtype = _compute_dtypes(k, v)
+    w, u, k, v = (t.to(dtype) for t in (w, u, k, v))
+    if mask is not None:
+        k = k.masked_fill(~mask[..., None], _NEG_INF)
+    if state is None:
+        state = WKVState.empty(batch, channels, device=k.device, dtype=dtype)
+    a, b, p = (t.to(dtype) for t in (state.a, state.b, state.p))
+    p = p.detach()  # a shift, not a value: exp(p) * (a, b) is the state
+
+    outputs = []
+    for start in range(0, length, chunk_size):
+        k_chunk = k[:, start : start + chunk_size]  # [B, n, C]
+        v_chunk = v[:, start : start + chunk_size]
+        n = k_chunk.shape[1]
+        if mask is None:
+            time = torch.arange(n, device=k.device, dtype=dtype)[None, :]  # [1, n] steps since chunk start
+            steps = torch.full((1, 1), float(n), device=k.device, dtype=dtype)
+        else:
+            real = mask[:, start : start + n].to(dtype)
+            time = torch.cumsum(real, dim=1) - real  # real tokens before each position, [B, n]
+            steps = real.sum(dim=1, keepdim=True)  # [B, 1]
+        # Exponents of key j' for query j: k_j' - (time_j - 1 - time_j') w below the diagonal,
+        # u + k_j on it, nothing above; the incoming state enters with p - time_j w.
+        distance = time[:, :, None] - 1 - time[:, None, :]  # [B|1, n(query), n(key)]
+        exponent = k_chunk[:, None, :, :] - distance[..., None] * w  # [B, n, n, C]
+        query = torch.arange(n, device=k.device)
+        below = (query[None, :] < query[:, None])[None, :, :, None]
+        diagonal = (query[None, :] == query[:, None])[None, :, :, None]
+        exponent = torch.where(below, exponent, torch.full_like(exponent, _NEG_INF))
+        exponent = torch.where(diagonal, (u + k_chunk)[:, None, :, :], exponent)
+        state_exponent = p[:, None, :] - time[..., None] * w  # [B, n, C]
+        row_max = torch.maximum(exponent.amax(dim=2), state_exponent).detach()  # finite (p >= -1e38)
+        weights = torch.exp(exponent - row_max[:, :, None, :])
+        state_weight = torch.exp(state_exponent - row_max)
+        numerator = (weights * v_chunk[:, None, :, :]).sum(dim=2) + state_weight * a[:, None, :]
+        denominator = weights.sum(dim=2) + state_weight * b[:, None, :]
+        outputs.append(_safe_divide(numerator, denominator))
+
+        # State seen by the first token after the chunk.
+        key_exponent = k_chunk - (steps - 1 - time)[..., None] * w  # [B, n, C]
+        decayed = p - steps * w  # [B, C]
+        new_p = torch.maximum(decayed, key_exponent.amax(dim=1)).detach()
+        carry = torch.exp(decayed - new_p)
+        fresh = torch.exp(key_exponent - new_p[:, None, :])
+        a = carry * a + (fresh * v_chunk).sum(dim=1)
+        b = carry * b + fresh.sum(dim=1)
+        p = new_p
+
+    if outputs:
+        y = torch.cat(outputs, dim=1).to(out_dtype)
+    else:
+        y = torch.zeros(batch, 0, channels, device=k.device, dtype=out_dtype)
+    if return_state:
+        return y, WKVState(a=a, b=b, p=p)
+    return y
+
+
+def causal_wkv_step(
+    state: WKVState, w: torch.Tensor, u: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor
+) -> tuple[torch.Tensor, WKVState]:
+    """One token of causal WKV: k_t, v_t: [B, C] -> (y_t [B, C], state).
+
+    RWKV-4's stable recurrence. With autograd off (decode) the state's tensors are updated in place;
+    with it on, the returned state holds new tensors (other fields are kept). Always use the
+    returned state.
+    """
+    require_shape("k_t", k_t, "[B, C]", 2)
+    require_shape("v_t", v_t, "[B, C]", 2)
+    require_same("k_t, v_t", "shape [B, C]", tuple(k_t.shape), tuple(v_t.shape))
+    batch, channels = k_t.shape
+    for name, tensor in (("w", w), ("u", u)):
+        require_shape(name, tensor, f"[C] = [{channels}]", 1)
+        if tensor.shape[0] != channels:
+            raise ValueError(f"{name} must have shape [C] = [{channels}] (C from k_t: [B, C] = {tuple(k_t.shape)}), got shape {tuple(tensor.shape)}")
+    _check_state(state, batch, channels)
+    out_dtype = torch.promote_types(k_t.dtype, v_t.dtype)
+    dtype = state.a.dtype
+    w, u, k_t, v_t = (t.to(dtype) for t in (w, u, k_t, v_t))
+    a, b, p = state.a, state.b, state.p
+
+    # Shifts are detached: exp(p) (a, b) is the value, p only keeps a and b in range; the decay's
+    # gradient must flow through exp(p - w - new_p), not vanish into a max.
+    p = p.detach()
+    bonus = u + k_t
+    shift = torch.maximum(p, bonus).detach()
+    old_weight, new_weight = torch.exp(p - shift), torch.exp(bonus - shift)
+    y_t = _safe_divide(old_weight * a + new_weight * v_t, old_weight * b + new_weight)
+
+    decayed = p - w
+    new_p = torch.maximum(decayed, k_t).detach()
+    carry, fresh = torch.exp(decayed - new_p), torch.exp(k_t - new_p)
+    new_a = carry * a + fresh * v_t
+    new_b = carry * b + fresh
+    if torch.is_grad_enabled():  # new tensors: the old ones may be saved for backward
+        state = dataclasses.replace(state, a=new_a, b=new_b, p=new_p)
+    else:
+        state.a.copy_(new_a)
+        state.b.copy_(new_b)
+        state.p.copy_(new_p)
+    return y_t.to(out_dtype), state
