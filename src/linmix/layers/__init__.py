@@ -1,0 +1,26 @@
+"""nn.Modules on the ops. Causal mixers share the contract of :mod:`linmix.layers.base`."""
+
+from linmix.layers.attention import KVCache, MultiHeadAttention, SlidingWindowAttention
+from linmix.layers.base import CausalMixer, MixerState
+from linmix.layers.base_conv import BaseConv, ShortConvolution
+from linmix.layers.linear_attention import BasedLinearAttention
+from linmix.layers.mamba import Mamba, MambaState
+from linmix.layers.mlp import GatedMLP
+from linmix.layers.norm import RMSNorm
+from linmix.layers.rwkv import RWKVTimeMix
+
+__all__ = [
+    "BaseConv",
+    "BasedLinearAttention",
+    "CausalMixer",
+    "GatedMLP",
+    "KVCache",
+    "Mamba",
+    "MambaState",
+    "MixerState",
+    "MultiHeadAttention",
+    "RMSNorm",
+    "RWKVTimeMix",
+    "ShortConvolution",
+    "SlidingWindowAttention",
+]

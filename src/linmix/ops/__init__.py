@@ -1,0 +1,53 @@
+"""Pure tensor ops: each has a reference (the test oracle), a fast path and, where causal, a step.
+
+Sequence layout ``[B, T, H, D]`` (batch, time, heads, head dim) for the attention-like ops; the
+channel ops (short conv, WKV, selective scan) use ``[B, T, C]``.
+"""
+
+from linmix.ops.feature_maps import taylor_feature_dim, taylor_feature_map
+from linmix.ops.linear_attention import (
+    LinearAttentionState,
+    linear_attention,
+    linear_attention_reference,
+    linear_attention_step,
+)
+from linmix.ops.rotary import apply_rotary, rotary_cos_sin
+from linmix.ops.selective_scan import selective_scan, selective_scan_reference, selective_scan_step
+from linmix.ops.short_conv import ShortConvState, short_conv, short_conv_reference, short_conv_step
+from linmix.ops.sliding_window import (
+    SlidingWindowCache,
+    sliding_window_attention,
+    sliding_window_attention_reference,
+    sliding_window_attention_step,
+)
+from linmix.ops.state import MixerState
+from linmix.ops.wkv import WKVState, bi_wkv, bi_wkv_reference, causal_wkv, causal_wkv_reference, causal_wkv_step
+
+__all__ = [
+    "LinearAttentionState",
+    "MixerState",
+    "ShortConvState",
+    "SlidingWindowCache",
+    "WKVState",
+    "apply_rotary",
+    "bi_wkv",
+    "bi_wkv_reference",
+    "causal_wkv",
+    "causal_wkv_reference",
+    "causal_wkv_step",
+    "linear_attention",
+    "linear_attention_reference",
+    "linear_attention_step",
+    "rotary_cos_sin",
+    "selective_scan",
+    "selective_scan_reference",
+    "selective_scan_step",
+    "short_conv",
+    "short_conv_reference",
+    "short_conv_step",
+    "sliding_window_attention",
+    "sliding_window_attention_reference",
+    "sliding_window_attention_step",
+    "taylor_feature_dim",
+    "taylor_feature_map",
+]
