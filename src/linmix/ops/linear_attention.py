@@ -26,7 +26,7 @@ import torch
 
 from linmix.ops.state import MixerState
 from linmix.ops._checks import accumulation_dtype, require_positive_int, require_same, require_shape
-from linmix.ops.feature_maps import taylor_feature_dim, taylor_feature_map
+from linmix.ops.feature_maps import taylor_feature_dim, taylor_feature_map, taylor_features_rows_first
 
 FeatureMap = Union[str, Callable[[torch.Tensor], torch.Tensor]]
 _TAYLOR_MAPS = {"taylor": True, "taylor_full": False}  # name -> symmetric
@@ -193,33 +193,45 @@ def linear_attention(
         out = phi(qf) @ (phi_k.transpose(-1, -2) @ vf)
         return _normalize(out, eps).transpose(1, 2).to(q.dtype)
 
-    # Walk the sequence chunk by chunk: every intermediate is a few MB and stays in cache, which on
-    # CPU is several times faster than materialising phi(q), phi(k) and all chunk states for the
-    # whole sequence at once (measured: docs/benchmarks.md).
+    # Walk the sequence chunk by chunk with a running state: every intermediate is cache-sized,
+    # which on CPU is several times faster than materialising phi(q), phi(k) and every chunk state
+    # for the whole sequence (measured: docs/benchmarks.md). Batch and heads merge into one bmm
+    # batch dim: [B*H, T, .].
+    qf, kf, vf = (x.reshape(batch * heads, length, x.shape[-1]) for x in (qf, kf, vf))
+    q_scaled = qf * (f ** -0.5)
+    if taylor_symmetric is not None:
+        # Feature-major copies [f, B*H, T]: Taylor features come from row gathers on them.
+        q_rows, k_rows = qf.permute(2, 0, 1).contiguous(), kf.permute(2, 0, 1).contiguous()
+
+        def features(rows: torch.Tensor, begin: int, end: int) -> torch.Tensor:
+            return taylor_features_rows_first(rows[:, :, begin:end], taylor_symmetric).permute(1, 2, 0)
+    else:
+        q_rows, k_rows = qf, kf
+
+        def features(rows: torch.Tensor, begin: int, end: int) -> torch.Tensor:
+            return phi(rows[:, begin:end])
     if initial_state is not None:
         state = torch.cat([initial_state.kv, initial_state.k_sum.unsqueeze(-1)], dim=-1).to(compute)
+        state = state.reshape(batch * heads, -1, value_dim + 1)
     else:
-        state = qf.new_zeros(batch, heads, feature_dim_of(feature_map, f), value_dim + 1)
-    causal_mask = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
+        state = qf.new_zeros(batch * heads, feature_dim_of(feature_map, f), value_dim + 1)
     outputs = []
     for start in range(0, length, chunk_size):
-        q_chunk = qf[:, :, start : start + chunk_size]
-        k_chunk = kf[:, :, start : start + chunk_size]
-        v_chunk = vf[:, :, start : start + chunk_size]  # masked keys have all-zero rows here
-        size = q_chunk.shape[2]
-        phi_q, phi_k = phi(q_chunk), phi(k_chunk)
+        end = min(start + chunk_size, length)
+        phi_q, phi_k = features(q_rows, start, end), features(k_rows, start, end)  # [B*H, C, D']
+        v_chunk = vf[:, start:end]  # masked keys have all-zero rows here
         if taylor_symmetric is not None:  # 1 + s + s^2/2 straight from q.k: f-wide, not D'-wide
-            s = (q_chunk @ k_chunk.transpose(-1, -2)) * (f ** -0.5)
+            s = torch.bmm(q_scaled[:, start:end], kf[:, start:end].transpose(1, 2))
             scores = torch.addcmul(1.0 + s, s, s, value=0.5)
         else:
-            scores = phi_q @ phi_k.transpose(-1, -2)
-        scores = scores.masked_fill(~causal_mask[:size, :size], 0.0)
-        outputs.append(scores @ v_chunk + phi_q @ state)
+            scores = torch.bmm(phi_q, phi_k.transpose(1, 2))
+        outputs.append(torch.baddbmm(torch.bmm(scores.tril(), v_chunk), phi_q, state))
         if key_mask is not None:
             phi_k = phi_k * v_chunk[..., -1:]  # the ones column is 0 for masked keys
-        state = state + phi_k.transpose(-1, -2) @ v_chunk
-    out = torch.cat(outputs, dim=2) if outputs else vf.new_zeros(batch, heads, 0, value_dim + 1)
-    y = _normalize(out, eps).transpose(1, 2).to(q.dtype)
+        state = torch.baddbmm(state, phi_k.transpose(1, 2), v_chunk)
+    state = state.reshape(batch, heads, -1, value_dim + 1)
+    out = torch.cat(outputs, dim=1) if outputs else vf.new_zeros(batch * heads, 0, value_dim + 1)
+    y = _normalize(out, eps).reshape(batch, heads, length, value_dim).transpose(1, 2).to(q.dtype)
     if not return_final_state:
         return y
     return y, LinearAttentionState(kv=state[..., :-1].contiguous(), k_sum=state[..., -1].contiguous())
