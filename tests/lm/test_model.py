@@ -1,0 +1,148 @@
+import json
+
+import pytest
+import torch
+
+from helpers import assert_close_rms
+from linmix.lm import BasedConfig, BasedForCausalLM, preset
+from linmix.lm.config import PRESETS
+
+
+def _tiny(**overrides):
+    return BasedForCausalLM(preset("based-tiny", **overrides))
+
+
+# ---------------------------------------------------------------- config
+def test_config_round_trips_through_json(tmp_path):
+    config = preset("based-360m")
+    path = config.save(tmp_path)
+    assert json.loads(path.read_text())["model_type"] == "linmix_based"
+    assert BasedConfig.load(tmp_path) == config
+
+
+def test_presets_have_the_spec_layer_patterns():
+    config = preset("based-360m")
+    assert [i for i, t in enumerate(config.layer_types) if t == "linear_attention"] == [1, 6, 11, 16, 21]
+    assert [i for i, t in enumerate(config.layer_types) if t == "sliding_window"] == [2, 7, 12, 17, 22]
+    assert config.padded_vocab_size == 50264 and config.window == 128
+    big = preset("based-1b")
+    assert (big.d_model, big.n_layer) == (1792, 36)
+    assert [i for i, t in enumerate(big.layer_types) if t == "linear_attention"] == [1, 6, 11, 16, 21, 27, 33]
+    assert [i for i, t in enumerate(big.layer_types) if t == "sliding_window"] == [2, 7, 12, 17, 22, 28, 34]
+
+
+@pytest.mark.parametrize("name, expected", [("based-360m", 363e6), ("based-1b", 1.35e9), ("transformer-pp-360m", 363e6)])
+def test_preset_parameter_counts_on_meta_device(name, expected):
+    with torch.device("meta"):
+        model = BasedForCausalLM(preset(name))
+    assert model.num_parameters() == pytest.approx(expected, rel=0.01)
+
+
+def test_config_errors_name_what_was_expected(tmp_path):
+    with pytest.raises(ValueError, match="n_layer = 3"):
+        BasedConfig(n_layer=3, layer_types=["base_conv"])
+    with pytest.raises(ValueError, match="unknown mixer"):
+        BasedConfig(n_layer=1, layer_types=["lstm"])
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("based-7b")
+    (tmp_path / "config.json").write_text(json.dumps({"d_model": 8, "n_layer": 1, "bogus": 1}))
+    with pytest.raises(ValueError, match="bogus"):
+        BasedConfig.load(tmp_path)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        BasedConfig.load(tmp_path / "missing")
+
+
+# ---------------------------------------------------------------- model
+@pytest.mark.parametrize("name", ["based-tiny", "transformer-pp-small", "mamba-small", "sliding-window-small", "base-conv-small"])
+def test_every_stack_runs_forward_and_backward(name):
+    base = preset(name)
+    config = preset(name, vocab_size=97, n_layer=2, layer_types=base.layer_types[:2],
+                    d_model=32, mlp_hidden=0 if base.mlp_hidden == 0 else 64)
+    model = BasedForCausalLM(config)
+    ids = torch.randint(0, 97, (2, 11))
+    out = model(ids, labels=ids)
+    assert out.logits.shape == (2, 11, 97)
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_loss_is_shifted_cross_entropy_ignoring_minus_100():
+    model = _tiny()
+    ids = torch.randint(0, 256, (2, 9))
+    labels = ids.clone()
+    labels[0, :4] = -100
+    out = model(ids, labels=labels)
+    logits = out.logits[:, :-1].reshape(-1, 256)
+    targets = labels[:, 1:].reshape(-1)
+    keep = targets != -100
+    expected = torch.nn.functional.cross_entropy(logits[keep], targets[keep])
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_head_is_tied_and_padded_vocab_dropped():
+    model = _tiny(vocab_size=250)
+    assert model.lm_head.weight is model.transformer.embeddings.word_embeddings.weight
+    assert model.lm_head.weight.shape[0] == 256
+    assert model(torch.randint(0, 250, (1, 4))).logits.shape[-1] == 250
+
+
+def test_save_and_load_pretrained(tmp_path):
+    model = _tiny().eval()
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    loaded = BasedForCausalLM.from_pretrained(tmp_path)
+    ids = torch.randint(0, 256, (2, 13))
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    assert loaded.lm_head.weight is loaded.transformer.embeddings.word_embeddings.weight
+
+
+def test_from_pretrained_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        BasedForCausalLM.from_pretrained(tmp_path)
+    preset("based-tiny").save(tmp_path)
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        BasedForCausalLM.from_pretrained(tmp_path)
+    _tiny(n_layer=2, layer_types=["base_conv", "linear_attention"]).save_pretrained(tmp_path / "other")
+    preset("based-tiny").save(tmp_path / "other")  # config no longer matches the weights
+    with pytest.raises(ValueError, match="missing keys"):
+        BasedForCausalLM.from_pretrained(tmp_path / "other")
+
+
+def test_bad_input_ids():
+    model = _tiny()
+    with pytest.raises(ValueError, match=r"integer tensor of shape \[B, T\]"):
+        model(torch.randn(2, 5))
+    with pytest.raises(ValueError, match=r"shape \[B, T\]"):
+        model(torch.randint(0, 256, (5,)))
+    with pytest.raises(ValueError, match=r"\[0, vocab_size = 256\)"):
+        model(torch.tensor([[1, 256]]))
+    with pytest.raises(ValueError, match="labels"):
+        model(torch.randint(0, 256, (2, 5)), labels=torch.randint(0, 256, (2, 4)))
+
+
+# ---------------------------------------------------------------- recurrence
+@pytest.mark.parametrize("name", ["based-tiny", "transformer-pp-small", "mamba-small", "sliding-window-small"])
+def test_step_logits_equal_forward_logits(name):
+    base = preset(name)
+    config = preset(name, vocab_size=61, d_model=32, n_layer=3, layer_types=(base.layer_types * 3)[:3] if name != "based-tiny" else base.layer_types[:3],
+                    mlp_hidden=0 if base.mlp_hidden == 0 else 48, window=4)
+    model = BasedForCausalLM(config).eval()
+    ids = torch.randint(0, 61, (2, 14))
+    with torch.no_grad():
+        full = model(ids).logits
+        state = model.init_state(2)
+        steps = []
+        for t in range(14):
+            logits, state = model.step(ids[:, t], state)
+            steps.append(logits)
+        assert_close_rms(torch.stack(steps, 1), full, 1e-5)
+        head = model(ids[:, :6], return_state=True)
+        tail = model(ids[:, 6:], state=head.state).logits
+        assert_close_rms(torch.cat([head.logits, tail], 1), full, 1e-5)
+
+
+def test_state_size_bytes_follow_the_paper_accounting():
+    model = _tiny()
+    total = sum(block.mixer.state_size_bytes(100) for block in model.transformer.layers)
+    assert model.state_size_bytes(100) == total
+    assert model.state_size_bytes(100) == model.state_size_bytes(10_000)  # BASED: constant in length
