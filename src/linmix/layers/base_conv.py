@@ -43,13 +43,13 @@ class BaseConvState(ShortConvState):
 class BaseConv(CausalMixer):
     """x [B, T, d] -> [B, T, d]. State: the last K - 1 inputs of the conv (constant size)."""
 
-    def __init__(self, d_model: int, kernel_size: int = 3, expand: int = 2, bias: bool = True):
+    def __init__(self, d_model: int, kernel_size: int = 3, expand: int = 2, bias: bool = True, conv_bias: bool = False):
         super().__init__()
         self.d_model = d_model
         self.inner = expand * d_model
         self.kernel_size = kernel_size
         self.in_proj = nn.Linear(d_model, 2 * self.inner, bias=bias)
-        self.conv = ShortConvolution(self.inner, kernel_size)
+        self.conv = ShortConvolution(self.inner, kernel_size, bias=conv_bias)
         self.out_proj = nn.Linear(self.inner, d_model, bias=bias)
 
     def forward(self, x: torch.Tensor, state: BaseConvState | None = None, *, attention_mask=None, return_state: bool = False):

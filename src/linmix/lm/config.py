@@ -35,7 +35,8 @@ class BasedConfig:
     # BaseConv
     conv_kernel: int = 3
     conv_expand: int = 2
-    conv_bias: bool = True
+    conv_bias: bool = True  # in_proj / out_proj biases
+    short_conv_bias: bool = False  # bias of the depthwise conv itself (official CUDA-kernel builds)
     # Taylor linear attention
     linear_attention_heads: int = 16
     feature_dim: int = 16

@@ -38,7 +38,8 @@ def build_mixer(config: BasedConfig, layer_type: str, layer_index: int) -> nn.Mo
     """The token mixer of one layer, from its type name (see ``linmix.lm.config.MIXER_TYPES``)."""
     d = config.d_model
     if layer_type == "base_conv":
-        return BaseConv(d, kernel_size=config.conv_kernel, expand=config.conv_expand, bias=config.conv_bias)
+        return BaseConv(d, kernel_size=config.conv_kernel, expand=config.conv_expand, bias=config.conv_bias,
+                        conv_bias=config.short_conv_bias)
     if layer_type == "linear_attention":
         return BasedLinearAttention(d, feature_dim=config.feature_dim, num_heads=config.linear_attention_heads,
                                     feature_map_input_dim=config.feature_map_input_dim, eps=config.linear_attention_eps)
@@ -73,17 +74,17 @@ class Block(nn.Module):
     def _mlp(self, residual: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.mlp is None:
             return residual
-        return residual + self.mlp(self.norm2(residual.to(dtype))).float()
+        return residual + self.mlp(self.norm2(residual.to(dtype))).to(residual.dtype)
 
     def forward(self, residual: torch.Tensor, dtype: torch.dtype, state=None, attention_mask=None, return_state=False):
         mixed = self.mixer(self.norm1(residual.to(dtype)), state, attention_mask=attention_mask, return_state=return_state)
         mixed, new_state = mixed if return_state else (mixed, None)
-        residual = self._mlp(residual + mixed.float(), dtype)
+        residual = self._mlp(residual + mixed.to(residual.dtype), dtype)
         return residual, new_state
 
     def step(self, residual: torch.Tensor, dtype: torch.dtype, state):
         mixed, state = self.mixer.step(self.norm1(residual.to(dtype)), state)
-        return self._mlp(residual + mixed.float(), dtype), state
+        return self._mlp(residual + mixed.to(residual.dtype), dtype), state
 
 
 @dataclasses.dataclass
@@ -167,6 +168,11 @@ class BasedForCausalLM(nn.Module):
             raise ValueError(f"input_ids must lie in [0, vocab_size = {self.config.vocab_size}), "
                              f"got values in [{int(input_ids.min())}, {int(input_ids.max())}]")
 
+    def _residual(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Embeddings as the residual stream: fp32 at least (fp64 models stay fp64)."""
+        embedded = self.transformer.embeddings.word_embeddings(input_ids)
+        return embedded.to(torch.promote_types(embedded.dtype, torch.float32))
+
     def _logits(self, residual: torch.Tensor) -> torch.Tensor:
         hidden = self.transformer.ln_f(residual.to(self.dtype))
         return self.lm_head(hidden)[..., : self.config.vocab_size]
@@ -184,7 +190,7 @@ class BasedForCausalLM(nn.Module):
         if state is not None and len(state.layers) != self.config.n_layer:
             raise ValueError(f"state holds {len(state.layers)} layers, the model has {self.config.n_layer}")
         dtype = self.dtype
-        residual = self.transformer.embeddings.word_embeddings(input_ids).float()
+        residual = self._residual(input_ids)
         new_states = []
         for i, block in enumerate(self.transformer.layers):
             layer_state = None if state is None else state.layers[i]
@@ -208,7 +214,7 @@ class BasedForCausalLM(nn.Module):
         """One token per row: input_ids [B] -> (logits [B, V], state updated in place)."""
         self._check_ids(input_ids, "[B]")
         dtype = self.dtype
-        residual = self.transformer.embeddings.word_embeddings(input_ids).float()
+        residual = self._residual(input_ids)
         for i, block in enumerate(self.transformer.layers):
             residual, state.layers[i] = block.step(residual, dtype, state.layers[i])
         state.seen += 1
