@@ -146,3 +146,14 @@ def test_state_size_bytes_follow_the_paper_accounting():
     total = sum(block.mixer.state_size_bytes(100) for block in model.transformer.layers)
     assert model.state_size_bytes(100) == total
     assert model.state_size_bytes(100) == model.state_size_bytes(10_000)  # BASED: constant in length
+
+
+def test_logits_to_keep_returns_the_last_positions_only():
+    model = _tiny().eval()
+    ids = torch.randint(0, 256, (2, 9))
+    full = model(ids).logits
+    last = model(ids, logits_to_keep=1).logits
+    assert last.shape == (2, 1, 256)
+    torch.testing.assert_close(last, full[:, -1:])
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(ids, labels=ids, logits_to_keep=1)

@@ -64,7 +64,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature
     was_training = model.training
     model.eval()
     try:
-        out = model(input_ids, attention_mask=mask, return_state=True)
+        out = model(input_ids, attention_mask=mask, return_state=True, logits_to_keep=1)
         logits, state = out.logits[:, -1], out.state
         fill = pad_token_id if pad_token_id is not None else eos_token_id
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)

@@ -339,6 +339,7 @@ class LinmixForCausalLM(PreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        logits_to_keep: int = 0,
         **kwargs,
     ):
         """input_ids [B, T] -> logits [B, T, vocab_size] (+ shifted cross-entropy with ``labels``,
@@ -348,7 +349,8 @@ class LinmixForCausalLM(PreTrainedModel, GenerationMixin):
         ``seen`` tokens, its last ``T`` columns belong to ``input_ids``. ``cache``: a
         :class:`LinmixCache`; an empty one (or ``use_cache=True``) is filled by the parallel
         forward; a filled one is continued (one token: the recurrent ``step``; several tokens: the
-        parallel forward from the state). ``position_ids`` and other generate bookkeeping kwargs
+        parallel forward from the state). ``logits_to_keep = n > 0`` keeps the last n positions'
+        logits only (generate passes 1 for the prefill). ``position_ids`` and other generate bookkeeping kwargs
         are accepted and ignored: positions come from the state.
         """
         for alias in ("past_key_values", "cache_params"):
@@ -391,7 +393,9 @@ class LinmixForCausalLM(PreTrainedModel, GenerationMixin):
             logits, state = linmix.step(input_ids[:, 0], state)
             logits = logits[:, None]
         else:
-            out = linmix(input_ids, attention_mask=mask, labels=labels, state=state, return_state=use_cache)
+            keep = 0 if labels is not None or not isinstance(logits_to_keep, int) else logits_to_keep
+            out = linmix(input_ids, attention_mask=mask, labels=labels, state=state, return_state=use_cache,
+                         logits_to_keep=keep)
             logits, loss, state = out.logits, out.loss, out.state
 
         if use_cache:

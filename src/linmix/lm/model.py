@@ -180,13 +180,17 @@ class BasedForCausalLM(nn.Module):
     # ------------------------------------------------------------------ whole sequence
     def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, state: LMState | None = None,
-                return_state: bool = False) -> CausalLMOutput:
+                return_state: bool = False, logits_to_keep: int = 0) -> CausalLMOutput:
         """input_ids [B, T] -> logits [B, T, V]; with ``labels [B, T]`` also the shifted
         cross-entropy (label -100 ignored). ``attention_mask [B, T]`` marks real tokens (left
-        padding). ``state`` continues a sequence; ``return_state`` returns the final one."""
+        padding). ``state`` continues a sequence; ``return_state`` returns the final one.
+        ``logits_to_keep = n > 0`` computes logits for the last n positions only (a long prompt's
+        prefill then never materialises [B, T, V]); it cannot be combined with labels."""
         self._check_ids(input_ids, "[B, T]")
         if labels is not None and tuple(labels.shape) != tuple(input_ids.shape):
             raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+        if logits_to_keep and labels is not None:
+            raise ValueError("logits_to_keep needs all positions' logits for the loss: pass one or the other")
         if state is not None and len(state.layers) != self.config.n_layer:
             raise ValueError(f"state holds {len(state.layers)} layers, the model has {self.config.n_layer}")
         dtype = self.dtype
@@ -196,7 +200,7 @@ class BasedForCausalLM(nn.Module):
             layer_state = None if state is None else state.layers[i]
             residual, layer_state = block(residual, dtype, layer_state, attention_mask, return_state)
             new_states.append(layer_state)
-        logits = self._logits(residual)
+        logits = self._logits(residual[:, -logits_to_keep:] if logits_to_keep else residual)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),

@@ -38,9 +38,20 @@ def _reset_high_water() -> bool:
         return False
 
 
+def _release_free_heap() -> None:
+    """Hand memory that glibc keeps for reuse back to the OS, so a new allocation shows in RSS."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_memory_mib(fn):
     """Run ``fn()`` once; return (its result, peak extra resident MiB or None where unsupported)."""
     gc.collect()
+    _release_free_heap()
     baseline = _status_kib("VmRSS")
     if baseline is None or not _reset_high_water():
         return fn(), None

@@ -1,0 +1,175 @@
+#!/usr/bin/env python
+"""Decode throughput and memory: BASED (recurrent) vs Transformer++ (KV cache) vs HF Llama (KV cache).
+
+Same parameter count, same machine, one run, fixed seed, random weights. For each prompt length
+and batch size every model prefills the prompt once and then generates ``--new-tokens`` tokens
+greedily; the table gives decode tokens/s (prefill excluded), the peak extra resident memory of
+the whole call (prefill included), the bytes of decode state held at the end (recurrent state or KV
+cache), and the decode speed of BASED relative to the two KV-cache models.
+
+    python benchmarks/generate.py                    # prompts 512/2048/8192, batch 1 and 16
+    python benchmarks/generate.py --quick            # a smaller sweep for a quick look
+
+The HF Llama peer needs the `hf` extra (transformers); it is skipped when that is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from linmix.lm import BasedForCausalLM, preset
+from linmix.utils.memory import peak_memory_mib, pin_malloc_threshold
+
+VOCAB = 50257
+
+
+def build_models(d_model: int, n_layer: int):
+    """BASED and a Transformer++ with the MLP width chosen to match BASED's parameter count."""
+    torch.manual_seed(0)
+    heads = max(1, d_model // 64)
+    based_config = preset("based-small", d_model=d_model, n_layer=n_layer, mlp_hidden=2 * d_model, vocab_size=VOCAB,
+                          linear_attention_heads=heads, num_heads=heads, window=64,
+                          layer_types=preset("based-small").layer_types[:n_layer])
+    based = BasedForCausalLM(based_config).eval()
+    target = based.num_parameters()
+    best = None
+    for hidden in range(d_model, 8 * d_model + 1, 32):  # the MLP width that matches BASED best
+        config = preset("transformer-pp-small", d_model=d_model, n_layer=n_layer, mlp_hidden=hidden,
+                        vocab_size=VOCAB, num_heads=heads)
+        with torch.device("meta"):
+            count = BasedForCausalLM(config).num_parameters()
+        if best is None or abs(count - target) < abs(best[1] - target):
+            best = (config, count)
+    transformer = BasedForCausalLM(best[0]).eval()
+    llama = None
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        llama_config = LlamaConfig(vocab_size=based_config.padded_vocab_size, hidden_size=d_model,
+                                   intermediate_size=best[0].mlp_hidden, num_hidden_layers=n_layer,
+                                   num_attention_heads=heads, num_key_value_heads=heads,
+                                   max_position_embeddings=1 << 16, tie_word_embeddings=True)
+        llama = LlamaForCausalLM(llama_config).eval()
+    except ImportError:
+        print("transformers not installed: skipping the HF Llama peer", file=sys.stderr)
+    return {"BASED": based, "Transformer++": transformer, "HF Llama": llama}
+
+
+def run_linmix(model, prompt, new_tokens):
+    with torch.no_grad():
+        start = time.perf_counter()
+        out = model(prompt, return_state=True, logits_to_keep=1)
+        token, state = out.logits[:, -1].argmax(-1), out.state
+        prefill = time.perf_counter() - start
+        for _ in range(new_tokens - 1):
+            logits, state = model.step(token, state)
+            token = logits.argmax(-1)
+        total = time.perf_counter() - start
+    return prefill, total, state.nbytes()
+
+
+def _tensor_bytes(obj, seen=None) -> int:
+    """Bytes of all tensors reachable from a transformers cache object (keys and values)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(item, seen) for item in obj)
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(item, seen) for item in obj.values())
+    if hasattr(obj, "__dict__"):
+        return sum(_tensor_bytes(item, seen) for item in vars(obj).values())
+    return 0
+
+
+def run_llama(model, prompt, new_tokens):
+    with torch.no_grad():
+        start = time.perf_counter()
+        model(prompt, use_cache=True, logits_to_keep=1)
+        prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                             return_dict_in_generate=True)
+        total = time.perf_counter() - start
+    return prefill, total, _tensor_bytes(out.past_key_values)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="prompts 256/1024, 128 new tokens")
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--n-layer", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=None)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--markdown", type=Path, default=None)
+    args = parser.parse_args(argv)
+    pin_malloc_threshold()
+    prompts = [256, 1024] if args.quick else [512, 2048, 8192]
+    batches = [1, 16]
+    new_tokens = args.new_tokens or (128 if args.quick else 1024)
+    models = build_models(args.d_model, args.n_layer)
+    counts = {name: (m.num_parameters() if name != "HF Llama" else sum(p.numel() for p in m.parameters()))
+              for name, m in models.items() if m is not None}
+    print("parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()), flush=True)
+    rows = []
+    for batch in batches:
+        for length in prompts:
+            prompt = torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(length))
+            row = {"batch": batch, "prompt": length, "new_tokens": new_tokens}
+            for name, model in models.items():
+                if model is None:
+                    continue
+                runner = run_llama if name == "HF Llama" else run_linmix
+                (prefill, total, state_bytes), peak = peak_memory_mib(lambda: runner(model, prompt, new_tokens))
+                decode = total - prefill if name != "HF Llama" else max(total - prefill, 1e-9)
+                row[name] = {"decode_tokens_per_s": batch * (new_tokens - 1) / decode, "prefill_s": prefill,
+                             "peak_mib": peak, "state_bytes": state_bytes}
+                print(f"  B={batch} prompt={length} {name}: {row[name]['decode_tokens_per_s']:.0f} tok/s decode, "
+                      f"peak {peak if peak is None else round(peak)} MiB", flush=True)
+            rows.append(row)
+    lines = [f"Random weights, greedy, {new_tokens} new tokens; d_model {args.d_model}, {args.n_layer} layers; "
+             + ", ".join(f"{k} {v / 1e6:.2f}M params" for k, v in counts.items()) + f"; {torch.get_num_threads()} threads", "",
+             "| batch | prompt | BASED tok/s | Transformer++ tok/s | HF Llama tok/s | BASED / Transformer++ | BASED / HF Llama "
+             "| decode state: BASED | Transformer++ | HF Llama | peak RSS: BASED | Transformer++ | HF Llama |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        def cell(name, key, fmt):
+            entry = row.get(name)
+            return "—" if entry is None or entry[key] is None else fmt(entry[key])
+
+        def ratio(other):
+            if other not in row:
+                return "—"
+            return f"**{row['BASED']['decode_tokens_per_s'] / row[other]['decode_tokens_per_s']:.2f}x**"
+
+        tps = lambda v: f"{v:.0f}"  # noqa: E731
+        mib = lambda v: f"{v:.0f} MiB"  # noqa: E731
+        state = lambda v: f"{v / 2**20:.1f} MiB"  # noqa: E731
+        lines.append(f"| {row['batch']} | {row['prompt']} | {cell('BASED', 'decode_tokens_per_s', tps)} | "
+                     f"{cell('Transformer++', 'decode_tokens_per_s', tps)} | {cell('HF Llama', 'decode_tokens_per_s', tps)} | "
+                     f"{ratio('Transformer++')} | {ratio('HF Llama')} | {cell('BASED', 'state_bytes', state)} | "
+                     f"{cell('Transformer++', 'state_bytes', state)} | {cell('HF Llama', 'state_bytes', state)} | "
+                     f"{cell('BASED', 'peak_mib', mib)} | {cell('Transformer++', 'peak_mib', mib)} | {cell('HF Llama', 'peak_mib', mib)} |")
+    table = "\n".join(lines)
+    print()
+    print(table)
+    if args.json:
+        args.json.write_text(json.dumps({"command": "python benchmarks/generate.py" + (" --quick" if args.quick else ""),
+                                         "rows": rows, "parameters": counts}, indent=2))
+    if args.markdown:
+        args.markdown.write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
