@@ -61,17 +61,21 @@ def build_models(d_model: int, n_layer: int):
     return {"BASED": based, "Transformer++": transformer, "HF Llama": llama}
 
 
-def run_linmix(model, prompt, new_tokens):
+def run_linmix(model, prompt, new_tokens, max_seconds):
+    """Returns (prefill s, decode s, decode steps done, state bytes)."""
     with torch.no_grad():
         start = time.perf_counter()
         out = model(prompt, return_state=True, logits_to_keep=1)
         token, state = out.logits[:, -1].argmax(-1), out.state
         prefill = time.perf_counter() - start
-        for _ in range(new_tokens - 1):
+        steps = 0
+        decode_start = time.perf_counter()
+        while steps < new_tokens - 1 and time.perf_counter() - decode_start < max_seconds:
             logits, state = model.step(token, state)
             token = logits.argmax(-1)
-        total = time.perf_counter() - start
-    return prefill, total, state.nbytes()
+            steps += 1
+        decode = time.perf_counter() - decode_start
+    return prefill, decode, steps, state.nbytes()
 
 
 def _tensor_bytes(obj, seen=None) -> int:
@@ -91,7 +95,9 @@ def _tensor_bytes(obj, seen=None) -> int:
     return 0
 
 
-def run_llama(model, prompt, new_tokens):
+def run_llama(model, prompt, new_tokens, max_seconds):
+    """Returns (prefill s, decode s, decode steps done, KV-cache bytes); the prefill is timed on
+    its own and subtracted from the generate call."""
     with torch.no_grad():
         start = time.perf_counter()
         model(prompt, use_cache=True, logits_to_keep=1)
@@ -99,9 +105,10 @@ def run_llama(model, prompt, new_tokens):
         start = time.perf_counter()
         out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                             return_dict_in_generate=True)
+                             return_dict_in_generate=True, max_time=prefill + max_seconds)
         total = time.perf_counter() - start
-    return prefill, total, _tensor_bytes(out.past_key_values)
+    steps = out.sequences.shape[1] - prompt.shape[1] - 1
+    return prefill, max(total - prefill, 1e-9), steps, _tensor_bytes(out.past_key_values)
 
 
 def main(argv=None) -> int:
@@ -110,6 +117,8 @@ def main(argv=None) -> int:
     parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--n-layer", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=None)
+    parser.add_argument("--max-seconds", type=float, default=90.0,
+                        help="stop a decode run after this long and rate the steps done (CPU time budget)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -130,14 +139,15 @@ def main(argv=None) -> int:
                 if model is None:
                     continue
                 runner = run_llama if name == "HF Llama" else run_linmix
-                (prefill, total, state_bytes), peak = peak_memory_mib(lambda: runner(model, prompt, new_tokens))
-                decode = total - prefill if name != "HF Llama" else max(total - prefill, 1e-9)
-                row[name] = {"decode_tokens_per_s": batch * (new_tokens - 1) / decode, "prefill_s": prefill,
+                (prefill, decode, steps, state_bytes), peak = peak_memory_mib(
+                    lambda: runner(model, prompt, new_tokens, args.max_seconds))
+                row[name] = {"decode_tokens_per_s": batch * steps / decode, "prefill_s": prefill, "decode_steps": steps,
                              "peak_mib": peak, "state_bytes": state_bytes}
                 print(f"  B={batch} prompt={length} {name}: {row[name]['decode_tokens_per_s']:.0f} tok/s decode, "
                       f"peak {peak if peak is None else round(peak)} MiB", flush=True)
             rows.append(row)
-    lines = [f"Random weights, greedy, {new_tokens} new tokens; d_model {args.d_model}, {args.n_layer} layers; "
+    lines = [f"Random weights, greedy, up to {new_tokens} new tokens (a decode run stops after {args.max_seconds:.0f} s "
+             "and is rated on the steps it did); d_model {args.d_model}, {args.n_layer} layers; "
              + ", ".join(f"{k} {v / 1e6:.2f}M params" for k, v in counts.items()) + f"; {torch.get_num_threads()} threads", "",
              "| batch | prompt | BASED tok/s | Transformer++ tok/s | HF Llama tok/s | BASED / Transformer++ | BASED / HF Llama "
              "| decode state: BASED | Transformer++ | HF Llama | peak RSS: BASED | Transformer++ | HF Llama |",
@@ -165,7 +175,7 @@ def main(argv=None) -> int:
     print(table)
     if args.json:
         args.json.write_text(json.dumps({"command": "python benchmarks/generate.py" + (" --quick" if args.quick else ""),
-                                         "rows": rows, "parameters": counts}, indent=2))
+                                         "max_seconds": args.max_seconds, "rows": rows, "parameters": counts}, indent=2))
     if args.markdown:
         args.markdown.write_text(table + "\n")
     return 0

@@ -253,7 +253,7 @@ class MultiHeadAttention(_RotaryQKVAttention):
                 state = KVCache.empty(batch, self.num_heads, self.head_dim, capacity=capacity, device=device, dtype=dtype)
             state.append(k, v, mask)
 
-        if state is None and mask is None:
+        if past == 0 and mask is None:  # no earlier tokens, no padding: plain causal (flash) SDPA
             out = F.scaled_dot_product_attention(q.to(compute), k.to(compute), v.to(compute), is_causal=True)
         else:
             if state is None:
