@@ -147,7 +147,7 @@ def main(argv=None) -> int:
                       f"peak {peak if peak is None else round(peak)} MiB", flush=True)
             rows.append(row)
     lines = [f"Random weights, greedy, up to {new_tokens} new tokens (a decode run stops after {args.max_seconds:.0f} s "
-             "and is rated on the steps it did); d_model {args.d_model}, {args.n_layer} layers; "
+             f"and is rated on the steps it did); d_model {args.d_model}, {args.n_layer} layers; "
              + ", ".join(f"{k} {v / 1e6:.2f}M params" for k, v in counts.items()) + f"; {torch.get_num_threads()} threads", "",
              "| batch | prompt | BASED tok/s | Transformer++ tok/s | HF Llama tok/s | BASED / Transformer++ | BASED / HF Llama "
              "| decode state: BASED | Transformer++ | HF Llama | peak RSS: BASED | Transformer++ | HF Llama |",
