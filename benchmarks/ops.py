@@ -148,6 +148,21 @@ def bench_bi_wkv(length, channels, repeats):
     return {"T": length, "C": channels, "fast_s": fast[0], "fast_mib": fast[1], "naive_s": naive[0], "naive_mib": naive[1]}
 
 
+def warm_up(seconds: float = 3.0) -> None:
+    """Run every op at a small size for a few seconds first: the first calls in a fresh process
+    (thread pool start, page faults, allocator growth) are several times slower than the rest."""
+    q, k, v = (torch.randn(1, 512, HEADS, size) for size in (FEATURE_DIM, FEATURE_DIM, HEAD_DIM))
+    w, u = torch.zeros(64), torch.zeros(64)
+    x = torch.randn(1, 512, 64)
+    end = time.perf_counter() + seconds
+    with torch.no_grad():
+        while time.perf_counter() < end:
+            linear_attention(q, k, v)
+            sliding_window_attention(v, v, v, window=WINDOW)
+            F.scaled_dot_product_attention(v.transpose(1, 2), v.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+            bi_wkv(w, u, x, x)
+
+
 def render(results) -> str:
     lines = [f"B=1, H={HEADS}, f={FEATURE_DIM}, head dim {HEAD_DIM}; {results['threads']} threads, torch {results['torch']}", ""]
     lines += ["### Linear attention (causal): chunked O(T) vs quadratic reference vs causal SDPA", "",
@@ -183,6 +198,7 @@ def main(argv=None) -> int:
     else:
         lengths, repeats, wkv_length, wkv_channels = [1024, 2048, 4096, 8192, 16384], 5, 4096, 64
     print(f"linmix ops benchmark ({'quick' if args.quick else 'full'}), {torch.get_num_threads()} threads", flush=True)
+    warm_up()
     results = {
         "command": "python benchmarks/ops.py" + (" --quick" if args.quick else ""),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
