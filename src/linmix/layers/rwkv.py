@@ -26,6 +26,26 @@ from linmix.ops._checks import accumulation_dtype, require_positive_int
 from linmix.ops.wkv import WKVState, causal_wkv, causal_wkv_step
 
 
+def rwkv_fancy_init(dim: int, layer_id: int, depth: int) -> dict[str, torch.Tensor]:
+    """RWKV's depth-dependent ("fancy") init, shared by RWKV-4 and Vision-RWKV (fp64 [dim] each).
+
+    With r0 = l / (L - 1) (0 -> 1; a single layer counts as the first), r1 = 1 - l / L and
+    x_c = c / C: decay[c] = -5 + 8 (c / (C - 1))^(0.7 + 1.3 r0); first[c] = ln(0.3) + 0.5 ((c + 1) % 3 - 1);
+    mix_k = x^r1, mix_v = x^r1 + 0.3 r0, mix_r = x^(0.5 r1).
+    """
+    ratio_0_to_1 = layer_id / (depth - 1) if depth > 1 else 0.0
+    ratio_1_to_almost_0 = 1.0 - layer_id / depth
+    channel = torch.arange(dim, dtype=torch.float64)
+    x = channel / dim
+    return {
+        "decay": -5 + 8 * (channel / max(dim - 1, 1)) ** (0.7 + 1.3 * ratio_0_to_1),
+        "first": math.log(0.3) + 0.5 * ((channel + 1) % 3 - 1),
+        "mix_k": x ** ratio_1_to_almost_0,
+        "mix_v": x ** ratio_1_to_almost_0 + 0.3 * ratio_0_to_1,
+        "mix_r": x ** (0.5 * ratio_1_to_almost_0),
+    }
+
+
 @dataclasses.dataclass
 class RWKVTimeMixState(WKVState):
     """WKV sums ``a, b, p`` [B, d] (fp32, fp64 for fp64 activations) and ``previous_x`` [B, d],
@@ -71,18 +91,9 @@ class RWKVTimeMix(CausalMixer):
     @torch.no_grad()
     def reset_time_parameters(self) -> None:
         """RWKV-4's depth-dependent initialisation of the decay, bonus and token-shift mixes."""
-        d = self.d_model
-        ratio_0_to_1 = self.layer_id / max(self.num_layers - 1, 1)  # one layer: counts as the first
-        ratio_1_to_almost_0 = 1.0 - self.layer_id / self.num_layers
-        channel = torch.arange(d, dtype=torch.float64)
-        position = channel / max(d - 1, 1)
-        self.time_decay.copy_(-5 + 8 * position ** (0.7 + 1.3 * ratio_0_to_1))
-        zigzag = ((channel + 1) % 3 - 1) * 0.5
-        self.time_first.copy_(math.log(0.3) + zigzag)
-        x = channel / d
-        self.time_mix_k.copy_(x**ratio_1_to_almost_0)
-        self.time_mix_v.copy_(x**ratio_1_to_almost_0 + 0.3 * ratio_0_to_1)
-        self.time_mix_r.copy_(x ** (0.5 * ratio_1_to_almost_0))
+        init = rwkv_fancy_init(self.d_model, self.layer_id, self.num_layers)
+        for name in ("decay", "first", "mix_k", "mix_v", "mix_r"):
+            getattr(self, "time_" + name).copy_(init[name])
 
     def _mix(self, x: torch.Tensor, shifted: torch.Tensor):
         def interpolate(mu):

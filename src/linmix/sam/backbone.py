@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from linmix.ops._checks import require_positive_int, require_shape
+from linmix.layers.rwkv import rwkv_fancy_init
 from linmix.ops.wkv import bi_wkv
 from linmix.sam.common import LayerNorm2d  # SAM's channels-first LayerNorm (eps 1e-6), shared with the decoder
 
@@ -226,12 +227,6 @@ def q_shift(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return shifted.reshape(batch, length, channels)
 
 
-def _depth_ratios(layer_id: int, depth: int) -> tuple[float, float]:
-    """(r0, r1) of the fancy init: r0 = l / (L - 1) goes 0 -> 1, r1 = 1 - l / L goes 1 -> ~0."""
-    ratio_0_to_1 = layer_id / (depth - 1) if depth > 1 else 0.0  # a single layer counts as the first
-    return ratio_0_to_1, 1.0 - layer_id / depth
-
-
 class VRWKVSpatialMix(nn.Module):
     """Vision-RWKV spatial mix: ``x [B, T, C], height, width -> [B, T, C]``.
 
@@ -239,7 +234,7 @@ class VRWKVSpatialMix(nn.Module):
     ``k, v, r = key(x_k), value(x_v), receptance(x_r)`` (bias-free C -> C) and
     ``x_* = spatial_mix_* x + (1 - spatial_mix_*) q_shift(x)``.
 
-    Fancy init (``r0, r1`` from :func:`_depth_ratios`, ``x_c = c / C``):
+    Fancy init (:func:`linmix.layers.rwkv.rwkv_fancy_init`; ``r0, r1`` the depth ratios, ``x_c = c / C``):
     ``spatial_decay[c] = -5 + 8 (c / (C - 1))^(0.7 + 1.3 r0)``,
     ``spatial_first[c] = ln(0.3) + 0.5 ((c + 1) % 3 - 1)``,
     ``mix_k = x^r1``, ``mix_v = x^r1 + 0.3 r0``, ``mix_r = x^(0.5 r1)``.
@@ -265,15 +260,11 @@ class VRWKVSpatialMix(nn.Module):
     @torch.no_grad()
     def reset_mix_parameters(self) -> None:
         """The fancy (depth-dependent) init of decay, bonus and shift mixes; the linears keep PyTorch's."""
-        ratio_0_to_1, ratio_1_to_almost_0 = _depth_ratios(self.layer_id, self.depth)
-        dim = self.dim
-        channel = torch.arange(dim, dtype=torch.float64, device=self.spatial_decay.device)
-        self.spatial_decay.copy_(-5 + 8 * (channel / max(dim - 1, 1)) ** (0.7 + 1.3 * ratio_0_to_1))
-        self.spatial_first.copy_(math.log(0.3) + 0.5 * ((channel + 1) % 3 - 1))
-        x = channel / dim
-        self.spatial_mix_k.copy_(x**ratio_1_to_almost_0)
-        self.spatial_mix_v.copy_(x**ratio_1_to_almost_0 + 0.3 * ratio_0_to_1)
-        self.spatial_mix_r.copy_(x ** (0.5 * ratio_1_to_almost_0))
+        init = rwkv_fancy_init(self.dim, self.layer_id, self.depth)
+        self.spatial_decay.copy_(init["decay"])
+        self.spatial_first.copy_(init["first"])
+        for name in ("mix_k", "mix_v", "mix_r"):
+            getattr(self, "spatial_" + name).copy_(init[name])
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         _check_tokens(x, self.dim, height, width)
@@ -314,10 +305,9 @@ class VRWKVChannelMix(nn.Module):
 
     @torch.no_grad()
     def reset_mix_parameters(self) -> None:
-        _, ratio_1_to_almost_0 = _depth_ratios(self.layer_id, self.depth)
-        x = torch.arange(self.dim, dtype=torch.float64, device=self.spatial_mix_k.device) / self.dim
-        self.spatial_mix_k.copy_(x**ratio_1_to_almost_0)
-        self.spatial_mix_r.copy_(x**ratio_1_to_almost_0)
+        init = rwkv_fancy_init(self.dim, self.layer_id, self.depth)
+        self.spatial_mix_k.copy_(init["mix_k"])
+        self.spatial_mix_r.copy_(init["mix_k"])  # channel mix: mu_k = mu_r = x^r1
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         _check_tokens(x, self.dim, height, width)
