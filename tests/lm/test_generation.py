@@ -88,3 +88,22 @@ def test_generate_bad_input(model):
     with pytest.raises(ValueError, match=r"shape \[B, T\]"):
         model.generate(prompt[0], 2)
     assert torch.equal(model.generate(prompt, 0), prompt)
+
+
+@pytest.mark.parametrize("name", ["based-tiny", "transformer-pp-small", "mamba-small", "sliding-window-small"])
+def test_chunked_prefill_equals_whole_prefill_with_left_padding(name):
+    base = preset(name)
+    config = preset(name, vocab_size=97, d_model=32, n_layer=3, window=4,
+                    layer_types=base.layer_types[:3] if name == "based-tiny" else base.layer_types[:1] * 3,
+                    mlp_hidden=0 if base.mlp_hidden == 0 else 48)
+    model = BasedForCausalLM(config).eval()
+    batch = torch.randint(0, 97, (2, 13))
+    mask = torch.ones(2, 13, dtype=torch.long)
+    mask[0, :7] = 0  # row 0: 7 pad tokens, longer than a prefill chunk
+    whole, whole_scores = model.generate(batch, 6, attention_mask=mask, prefill_chunk_size=None, return_scores=True)
+    for chunk in (1, 3, 5):
+        chunked, scores = model.generate(batch, 6, attention_mask=mask, prefill_chunk_size=chunk, return_scores=True)
+        assert torch.equal(chunked, whole), f"chunk {chunk}"
+        assert_close_rms(torch.stack(scores), torch.stack(whole_scores), 1e-5, f"chunk {chunk}")
+    with pytest.raises(ValueError, match="prefill_chunk_size"):
+        model.generate(batch, 2, prefill_chunk_size=0)

@@ -43,16 +43,33 @@ def sample_next_token(logits: torch.Tensor, *, temperature: float = 0.0, top_k: 
     return torch.multinomial(probabilities, 1, generator=generator).squeeze(-1)
 
 
+def prefill(model, input_ids: torch.Tensor, mask: torch.Tensor | None, chunk_size: int | None):
+    """Run the prompt through the parallel forward (in chunks when ``chunk_size`` is set) and
+    return (last-position logits [B, V], state)."""
+    length = input_ids.shape[1]
+    step = length if chunk_size is None else chunk_size
+    state = None
+    for start in range(0, length, step):
+        chunk_mask = None if mask is None else mask[:, start : start + step]
+        out = model(input_ids[:, start : start + step], attention_mask=chunk_mask, state=state,
+                    return_state=True, logits_to_keep=1)
+        state = out.state
+    return out.logits[:, -1], state
+
+
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
              pad_token_id: int | None = None, attention_mask: torch.Tensor | None = None,
-             generator: torch.Generator | None = None, return_scores: bool = False):
+             generator: torch.Generator | None = None, return_scores: bool = False,
+             prefill_chunk_size: int | None = 2048):
     """Generate up to ``max_new_tokens`` after ``input_ids [B, T]``; returns ``[B, T + n]`` ids
     (and, with ``return_scores``, the list of per-step logits ``[B, V]``).
 
     ``temperature`` 0 means greedy. Rows that emit ``eos_token_id`` are padded with ``pad_token_id``
     (default: the eos id) afterwards; generation stops when every row is done.
+    ``prefill_chunk_size`` feeds a long prompt through the parallel forward that many tokens at a
+    time, carrying the state, so prefill activations stay bounded (None: the whole prompt at once).
     """
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
@@ -61,11 +78,13 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     mask = None if attention_mask is None else _check_left_padded(attention_mask, input_ids)
+    if prefill_chunk_size is not None and (isinstance(prefill_chunk_size, bool) or not isinstance(prefill_chunk_size, int)
+                                           or prefill_chunk_size <= 0):
+        raise ValueError(f"prefill_chunk_size must be a positive integer or None, got {prefill_chunk_size!r}")
     was_training = model.training
     model.eval()
     try:
-        out = model(input_ids, attention_mask=mask, return_state=True, logits_to_keep=1)
-        logits, state = out.logits[:, -1], out.state
+        logits, state = prefill(model, input_ids, mask, prefill_chunk_size)
         fill = pad_token_id if pad_token_id is not None else eos_token_id
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         new_tokens, scores = [], []
