@@ -1,5 +1,6 @@
 """RWKV-SAM: conv + Vision-RWKV backbone, SAM prompt encoder and mask decoder with HQ fusion."""
 
+from linmix.sam.automatic_mask_generator import AutomaticMaskGenerator
 from linmix.sam.backbone import RwkvSamBackbone, RwkvSamImageEncoder
 from linmix.sam.mask_decoder import MaskDecoder, TwoWayTransformer
 from linmix.sam.model import RwkvSam, build_rwkv_sam, rwkv_sam_model_registry
@@ -8,6 +9,7 @@ from linmix.sam.prompt_encoder import PromptEncoder
 from linmix.sam.transforms import ResizeLongestSide
 
 __all__ = [
+    "AutomaticMaskGenerator",
     "MaskDecoder",
     "PromptEncoder",
     "ResizeLongestSide",
