@@ -2,6 +2,7 @@
 
 from linmix.sam.automatic_mask_generator import AutomaticMaskGenerator
 from linmix.sam.backbone import RwkvSamBackbone, RwkvSamImageEncoder
+from linmix.sam.export import export_decoder_onnx, export_image_encoder_onnx
 from linmix.sam.mask_decoder import MaskDecoder, TwoWayTransformer
 from linmix.sam.model import RwkvSam, build_rwkv_sam, rwkv_sam_model_registry
 from linmix.sam.predictor import RwkvSamPredictor
@@ -19,5 +20,7 @@ __all__ = [
     "RwkvSamPredictor",
     "TwoWayTransformer",
     "build_rwkv_sam",
+    "export_decoder_onnx",
+    "export_image_encoder_onnx",
     "rwkv_sam_model_registry",
 ]
