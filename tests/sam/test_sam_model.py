@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from sam_checkpoint_keys import sam_mask_decoder_shapes, sam_prompt_encoder_shapes
 
 from linmix.sam.backbone import RwkvSamImageEncoder
 from linmix.sam.convert import load_sam_checkpoint
@@ -240,64 +241,6 @@ def test_safetensors_round_trip_tiny(tmp_path):
 
 # A SAM-format checkpoint written from the spec's key list (the minimal construction of
 # tests/sam/test_sam_convert.py: full-size prompt encoder and mask decoder, one image-encoder key).
-
-
-def sam_prompt_encoder_shapes():
-    p = "prompt_encoder."
-    shapes = {p + "pe_layer.positional_encoding_gaussian_matrix": (2, 128)}
-    for i in range(4):
-        shapes[p + f"point_embeddings.{i}.weight"] = (1, 256)
-    shapes[p + "not_a_point_embed.weight"] = (1, 256)
-    shapes[p + "no_mask_embed.weight"] = (1, 256)
-    for index, (n_out, n_in, k) in {0: (4, 1, 2), 3: (16, 4, 2), 6: (256, 16, 1)}.items():
-        shapes[p + f"mask_downscaling.{index}.weight"] = (n_out, n_in, k, k)
-        shapes[p + f"mask_downscaling.{index}.bias"] = (n_out,)
-    for index, width in ((1, 4), (4, 16)):
-        shapes[p + f"mask_downscaling.{index}.weight"] = (width,)
-        shapes[p + f"mask_downscaling.{index}.bias"] = (width,)
-    return shapes
-
-
-def sam_mask_decoder_shapes():
-    m = "mask_decoder."
-    shapes = {}
-
-    def attention(prefix, internal):
-        for name in ("q_proj", "k_proj", "v_proj"):
-            shapes[f"{prefix}{name}.weight"] = (internal, 256)
-            shapes[f"{prefix}{name}.bias"] = (internal,)
-        shapes[prefix + "out_proj.weight"] = (256, internal)
-        shapes[prefix + "out_proj.bias"] = (256,)
-
-    for i in range(2):
-        layer = f"{m}transformer.layers.{i}."
-        attention(layer + "self_attn.", 256)
-        attention(layer + "cross_attn_token_to_image.", 128)
-        attention(layer + "cross_attn_image_to_token.", 128)
-        for n in range(1, 5):
-            shapes[f"{layer}norm{n}.weight"] = (256,)
-            shapes[f"{layer}norm{n}.bias"] = (256,)
-        shapes.update({
-            layer + "mlp.lin1.weight": (2048, 256), layer + "mlp.lin1.bias": (2048,),
-            layer + "mlp.lin2.weight": (256, 2048), layer + "mlp.lin2.bias": (256,),
-        })
-    attention(m + "transformer.final_attn_token_to_image.", 128)
-    shapes[m + "transformer.norm_final_attn.weight"] = (256,)
-    shapes[m + "transformer.norm_final_attn.bias"] = (256,)
-    shapes.update({
-        m + "iou_token.weight": (1, 256), m + "mask_tokens.weight": (4, 256),
-        m + "output_upscaling.0.weight": (256, 64, 2, 2), m + "output_upscaling.0.bias": (64,),
-        m + "output_upscaling.1.weight": (64,), m + "output_upscaling.1.bias": (64,),
-        m + "output_upscaling.3.weight": (64, 32, 2, 2), m + "output_upscaling.3.bias": (32,),
-    })
-    for i in range(4):
-        for j, (n_out, n_in) in enumerate([(256, 256), (256, 256), (32, 256)]):
-            shapes[f"{m}output_hypernetworks_mlps.{i}.layers.{j}.weight"] = (n_out, n_in)
-            shapes[f"{m}output_hypernetworks_mlps.{i}.layers.{j}.bias"] = (n_out,)
-    for j, (n_out, n_in) in enumerate([(256, 256), (256, 256), (4, 256)]):
-        shapes[f"{m}iou_prediction_head.layers.{j}.weight"] = (n_out, n_in)
-        shapes[f"{m}iou_prediction_head.layers.{j}.bias"] = (n_out,)
-    return shapes
 
 
 def test_sam_checkpoint_initialises_prompt_encoder_and_decoder(tmp_path):
