@@ -1,0 +1,5 @@
+import sys
+
+from linmix.cli import main
+
+sys.exit(main())
