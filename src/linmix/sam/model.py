@@ -44,6 +44,8 @@ __all__ = [
     "build_rwkv_sam_large",
     "build_rwkv_sam_small",
     "build_rwkv_sam_tiny",
+    "checkpoint_metadata",
+    "load_default",
     "load_rwkv_sam_weights",
     "rwkv_sam_model_registry",
     "save_rwkv_sam",
@@ -243,12 +245,47 @@ class RwkvSam(nn.Module):
 # checkpoints
 
 
-def save_rwkv_sam(model: RwkvSam, path: str | PathLike[str]) -> None:
-    """Write the whole model's state dict to one safetensors file (loadable with ``checkpoint=``)."""
+def save_rwkv_sam(
+    model: RwkvSam, path: str | PathLike[str], *, dtype: torch.dtype | None = None, extra_metadata: dict[str, str] | None = None
+) -> None:
+    """Write the whole model's state dict to one safetensors file (loadable with ``checkpoint=``).
+
+    The file's metadata records ``variant``, ``token_mixer`` and ``image_size`` (when the model was
+    built by :func:`build_rwkv_sam`) so ``build_rwkv_sam(variant, checkpoint=path)`` rebuilds the same
+    model. ``dtype`` (e.g. ``torch.float16``) casts floating tensors to halve the file; loading casts
+    them back to the model's dtype.
+    """
     from safetensors.torch import save_file
 
-    state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
-    save_file(state, str(path), metadata={"format": "pt", "model": "linmix.RwkvSam"})
+    state = {}
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu()
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        state[name] = tensor.contiguous()
+    metadata = {"format": "pt", "model": "linmix.RwkvSam", "image_size": str(model.image_size)}
+    if getattr(model, "variant", None) is not None:
+        metadata["variant"] = str(model.variant)
+    token_mixer = getattr(getattr(model.image_encoder, "backbone", None), "token_mixer", None)
+    if token_mixer is not None:
+        metadata["token_mixer"] = str(token_mixer)
+    metadata.update({str(k): str(v) for k, v in (extra_metadata or {}).items()})
+    save_file(state, str(path), metadata=metadata)
+
+
+def checkpoint_metadata(path: str | PathLike[str]) -> dict[str, str]:
+    """The string metadata of a safetensors checkpoint (variant, token_mixer, image_size, ... when
+    written by :func:`save_rwkv_sam`); FileNotFoundError / ValueError for a missing or foreign file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"RWKV-SAM checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception as error:  # noqa: BLE001 - any parse failure means "not a safetensors file"
+        raise ValueError(f"{path} is not a safetensors file ({error})") from error
 
 
 def load_rwkv_sam_weights(model: nn.Module, path: str | PathLike[str]) -> None:
@@ -288,24 +325,40 @@ def build_rwkv_sam(
     variant: str = "small",
     checkpoint: str | PathLike[str] | None = None,
     *,
-    token_mixer: str = "rwkv",
+    token_mixer: str | None = None,
     sam_checkpoint: str | PathLike[str] | None = None,
+    image_size: int | None = None,
 ) -> RwkvSam:
-    """An RWKV-SAM model for 1024x1024 inputs, in evaluation mode.
+    """An RWKV-SAM model, in evaluation mode.
 
     Args:
         variant: backbone size, one of tiny, small (the paper's), base, large.
         checkpoint: a linmix safetensors file of the whole model (:func:`save_rwkv_sam`), loaded strictly.
-        token_mixer: "rwkv" or "attention" (the same-scale transformer baseline).
+        token_mixer: "rwkv" or "attention" (the same-scale transformer baseline); default: the
+            checkpoint's (from its metadata), else "rwkv".
         sam_checkpoint: an official SAM ``.pth`` (e.g. ``sam_vit_h_4b8939.pth``) whose prompt encoder and
             mask decoder initialise ours; the image encoder and the high-quality fusion keep their init.
             Not together with ``checkpoint`` (which already holds every weight).
+        image_size: side of the square model input, a multiple of 16 (1024 as SAM; smaller sizes such as
+            256 make a model for CPU training); the embedding grid is image_size / 16 and the mask
+            logits 4x that. Default: the checkpoint's (from its metadata), else 1024.
     """
     if variant not in BACKBONE_VARIANTS:
         raise ValueError(f"variant must be one of {sorted(BACKBONE_VARIANTS)}, got {variant!r}")
     if checkpoint is not None and sam_checkpoint is not None:
         raise ValueError("pass either checkpoint= (a whole linmix model) or sam_checkpoint= (SAM's decoder), not both")
-    grid = IMAGE_SIZE // PATCH_SIZE
+    metadata = checkpoint_metadata(checkpoint) if checkpoint is not None else {}
+    if "variant" in metadata and metadata["variant"] != variant:
+        raise ValueError(f"{checkpoint} holds an RWKV-SAM {metadata['variant']!r} model, not {variant!r}")
+    if token_mixer is None:
+        token_mixer = metadata.get("token_mixer", "rwkv")
+    elif "token_mixer" in metadata and metadata["token_mixer"] != token_mixer:
+        raise ValueError(f"{checkpoint} holds a token_mixer={metadata['token_mixer']!r} model, not {token_mixer!r}")
+    if image_size is None:
+        image_size = int(metadata.get("image_size", IMAGE_SIZE))
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0 or image_size % PATCH_SIZE:
+        raise ValueError(f"image_size must be a positive multiple of {PATCH_SIZE}, got {image_size!r}")
+    grid = image_size // PATCH_SIZE
     image_encoder = RwkvSamImageEncoder(variant, token_mixer, out_dim=PROMPT_EMBED_DIM)
     stage1_channels, stage2_channels, _ = image_encoder.backbone.stage_channels
     model = RwkvSam(
@@ -313,7 +366,7 @@ def build_rwkv_sam(
         prompt_encoder=PromptEncoder(
             embed_dim=PROMPT_EMBED_DIM,
             image_embedding_size=(grid, grid),
-            input_image_size=(IMAGE_SIZE, IMAGE_SIZE),
+            input_image_size=(image_size, image_size),
             mask_in_chans=16,
         ),
         mask_decoder=MaskDecoder(
@@ -335,24 +388,55 @@ def build_rwkv_sam(
     return model.eval()
 
 
-def build_rwkv_sam_tiny(checkpoint=None, *, token_mixer: str = "rwkv", sam_checkpoint=None) -> RwkvSam:
+DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+DEFAULT_CHECKPOINT = "rwkv_sam_tiny_procedural.safetensors"
+
+
+def default_checkpoint_path(token_mixer: str = "rwkv") -> Path:
+    """Where the shipped checkpoint lives (package data under ``linmix/sam/weights/``)."""
+    if token_mixer not in ("rwkv", "attention"):
+        raise ValueError(f"token_mixer must be 'rwkv' or 'attention', got {token_mixer!r}")
+    name = DEFAULT_CHECKPOINT if token_mixer == "rwkv" else DEFAULT_CHECKPOINT.replace("rwkv_sam_", "attention_sam_")
+    return DEFAULT_WEIGHTS_DIR / name
+
+
+def load_default(token_mixer: str = "rwkv") -> RwkvSam:
+    """The shipped RWKV-SAM model, in evaluation mode: a tiny variant at a reduced input size trained
+    on linmix's procedural high-quality data only (see docs/sam.md; not a model of natural images).
+
+    ``token_mixer="attention"`` loads the same-scale attention baseline trained with the identical recipe,
+    when it is shipped. Raises FileNotFoundError when the weights file is absent.
+    """
+    path = default_checkpoint_path(token_mixer)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"the shipped RWKV-SAM weights are missing: expected {path} (train one with `linmix sam train`, "
+            "or pass your own file to build_rwkv_sam(variant, checkpoint=...))"
+        )
+    metadata = checkpoint_metadata(path)
+    if "variant" not in metadata:
+        raise ValueError(f"{path} lacks the 'variant' metadata written by save_rwkv_sam")
+    return build_rwkv_sam(metadata["variant"], checkpoint=path)
+
+
+def build_rwkv_sam_tiny(checkpoint=None, *, token_mixer: str | None = None, sam_checkpoint=None, image_size: int | None = None) -> RwkvSam:
     """RWKV-SAM tiny (token width 192); arguments as :func:`build_rwkv_sam`."""
-    return build_rwkv_sam("tiny", checkpoint, token_mixer=token_mixer, sam_checkpoint=sam_checkpoint)
+    return build_rwkv_sam("tiny", checkpoint, token_mixer=token_mixer, sam_checkpoint=sam_checkpoint, image_size=image_size)
 
 
-def build_rwkv_sam_small(checkpoint=None, *, token_mixer: str = "rwkv", sam_checkpoint=None) -> RwkvSam:
+def build_rwkv_sam_small(checkpoint=None, *, token_mixer: str | None = None, sam_checkpoint=None, image_size: int | None = None) -> RwkvSam:
     """RWKV-SAM small (token width 384, the paper's model); arguments as :func:`build_rwkv_sam`."""
-    return build_rwkv_sam("small", checkpoint, token_mixer=token_mixer, sam_checkpoint=sam_checkpoint)
+    return build_rwkv_sam("small", checkpoint, token_mixer=token_mixer, sam_checkpoint=sam_checkpoint, image_size=image_size)
 
 
-def build_rwkv_sam_base(checkpoint=None, *, token_mixer: str = "rwkv", sam_checkpoint=None) -> RwkvSam:
+def build_rwkv_sam_base(checkpoint=None, *, token_mixer: str | None = None, sam_checkpoint=None, image_size: int | None = None) -> RwkvSam:
     """RWKV-SAM base (token width 768); arguments as :func:`build_rwkv_sam`."""
-    return build_rwkv_sam("base", checkpoint, token_mixer=token_mixer, sam_checkpoint=sam_checkpoint)
+    return build_rwkv_sam("base", checkpoint, token_mixer=token_mixer, sam_checkpoint=sam_checkpoint, image_size=image_size)
 
 
-def build_rwkv_sam_large(checkpoint=None, *, token_mixer: str = "rwkv", sam_checkpoint=None) -> RwkvSam:
+def build_rwkv_sam_large(checkpoint=None, *, token_mixer: str | None = None, sam_checkpoint=None, image_size: int | None = None) -> RwkvSam:
     """RWKV-SAM large (token width 1024); arguments as :func:`build_rwkv_sam`."""
-    return build_rwkv_sam("large", checkpoint, token_mixer=token_mixer, sam_checkpoint=sam_checkpoint)
+    return build_rwkv_sam("large", checkpoint, token_mixer=token_mixer, sam_checkpoint=sam_checkpoint, image_size=image_size)
 
 
 rwkv_sam_model_registry: dict[str, Callable[..., RwkvSam]] = {
