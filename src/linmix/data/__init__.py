@@ -1,0 +1,1 @@
+"""Data shipped with linmix: example images for the demos (:mod:`linmix.data.examples`)."""
