@@ -24,6 +24,7 @@ from typing import Callable, Union
 
 import torch
 
+from linmix.ops import dispatch
 from linmix.ops.state import MixerState
 from linmix.ops._checks import accumulation_dtype, require_positive_int, require_same, require_shape
 from linmix.ops.feature_maps import taylor_feature_dim, taylor_feature_map, taylor_features_rows_first
@@ -245,11 +246,14 @@ def linear_attention_step(
     *,
     feature_map: FeatureMap = "taylor",
     eps: float = DEFAULT_EPS,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, LinearAttentionState]:
     """One causal token: q_t, k_t: [B, H, f]; v_t: [B, H, Dv] -> (y_t [B, H, Dv], state).
 
     ``S += phi(k_t) (x) v_t; z += phi(k_t); y_t = S^T phi(q_t) / (z . phi(q_t) + eps)``. The state is
     updated in place (fp32 accumulators) and returned.
+    ``backend``: "auto" (the fused Triton kernel for CUDA tensors, Taylor maps and an fp32 state
+    outside autograd; see :mod:`linmix.ops.dispatch`), "torch" or "triton".
     """
     layout = "[B, H, D]"
     require_shape("q_t", q_t, layout, 3)
@@ -259,6 +263,15 @@ def linear_attention_step(
     expected_kv = (q_t.shape[0], q_t.shape[1], state.kv.shape[2], v_t.shape[-1])
     if tuple(state.kv.shape) != expected_kv:
         raise ValueError(f"state.kv must have shape [B, H, D', Dv] = {expected_kv}, got {tuple(state.kv.shape)}")
+    dispatch.check_backend(backend, ("auto", "torch", "triton"))
+    kernel_eligible = (isinstance(feature_map, str) and feature_map in _TAYLOR_MAPS and state.kv.dtype == torch.float32
+                       and state.k_sum.dtype == torch.float32 and not dispatch.needs_autograd(q_t, k_t, v_t, state.kv))
+    if dispatch.use_triton(backend, q_t, k_t, v_t, state.kv, state.k_sum, eligible=kernel_eligible,
+                           why_not="feature_map 'taylor' or 'taylor_full', an fp32 state and no autograd"):
+        from linmix.ops.triton.taylor_step import taylor_linear_attention_step
+
+        y = taylor_linear_attention_step(state.kv, state.k_sum, q_t, k_t, v_t, symmetric=_TAYLOR_MAPS[feature_map], eps=eps)
+        return y, state
     phi = _resolve_feature_map(feature_map)
     compute = state.kv.dtype
     phi_q = phi(q_t.to(compute))

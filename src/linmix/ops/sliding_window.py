@@ -26,6 +26,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from linmix.ops import dispatch
 from linmix.ops.state import MixerState
 from linmix.ops._checks import accumulation_dtype, require_positive_int, require_same, require_shape
 
@@ -234,6 +235,7 @@ def sliding_window_attention(
     cache: SlidingWindowCache | None = None,
     return_cache: bool = False,
     block_size: int | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, SlidingWindowCache]:
     """Blocked sliding-window attention: equal to the reference, in ``O(T * window)`` memory.
 
@@ -243,9 +245,12 @@ def sliding_window_attention(
     return_cache: also return the cache after this chunk, ``(out, new_cache)``; with no input cache a
     fresh one (``window`` slots, dtype of k) is built.
     block_size: queries per block (default ``window`` clamped to [16, 64]); only speed depends on it.
+    backend: "auto" (FlexAttention with a block-sparse band mask for CUDA tensors, see
+    :mod:`linmix.ops.flex_sliding_window`), "torch" (the blocked SDPA form) or "flex".
     Returns ``[B, T, H, D]`` in q's dtype, or ``(out, cache)``.
     """
     _check_qkv(q, k, v, window, key_padding_mask)
+    dispatch.check_backend(backend, ("auto", "torch", "flex"))
     batch, length, heads, head_dim = q.shape
     if cache is not None:
         _check_cache(cache, batch, heads, head_dim, window)
@@ -281,14 +286,26 @@ def sliding_window_attention(
         keys_valid = (torch.arange(band_window + length, device=q.device) >= band_window)[None]
 
     block = block_size if block_size is not None else _block_size(band_window, length)
-    # Without padded keys every query sees at least itself.
-    out = _banded_attention(
-        q.to(compute), keys.to(compute), values.to(compute), keys_valid, band_window, scale, block, key_padding_mask is not None
-    ).to(q.dtype)
+    if _use_flex(backend, q):
+        from linmix.ops.flex_sliding_window import flex_banded_attention
+
+        out = flex_banded_attention(q, keys.to(q.dtype), values.to(q.dtype), keys_valid, band_window, scale)
+    else:
+        # Without padded keys every query sees at least itself.
+        out = _banded_attention(
+            q.to(compute), keys.to(compute), values.to(compute), keys_valid, band_window, scale, block, key_padding_mask is not None
+        ).to(q.dtype)
     if not return_cache:
         return out
     keys_valid = keys_valid.expand(batch, -1)
     return out, _cache_after(keys, values, keys_valid, (cache.seen if cache is not None else 0) + length, window, k.dtype)
+
+
+def _use_flex(backend: str, q: torch.Tensor) -> bool:
+    """FlexAttention for CUDA inputs under "auto" (and the torch path when forced, see linmix.ops.dispatch)."""
+    if backend == "flex":
+        return True
+    return backend == "auto" and q.is_cuda and not dispatch.reference_forced() and dispatch.flex_attention_installed()
 
 
 def _cache_after(keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, seen: int, window: int, dtype: torch.dtype) -> SlidingWindowCache:

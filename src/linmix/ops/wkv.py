@@ -38,6 +38,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from linmix.ops import dispatch
 from linmix.ops._checks import accumulation_dtype, require_positive_int, require_same, require_shape
 from linmix.ops.state import MixerState
 
@@ -169,8 +170,12 @@ def bi_wkv_reference(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch
     return torch.cat(outputs, dim=1).to(out_dtype)
 
 
-def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chunk_size: int = 64) -> torch.Tensor:
+def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chunk_size: int = 64,
+           backend: str = "auto") -> torch.Tensor:
     """Bidirectional WKV in O(T): w, u: [C]; k, v: [B, T, C] -> [B, T, C] (see the module docstring).
+
+    ``backend``: "auto" (the Triton kernel of :mod:`linmix.ops.triton.bi_wkv` for CUDA tensors, see
+    :mod:`linmix.ops.dispatch`), "torch" (the form below) or "triton".
 
     Written with prefix / suffix sums only (cumsum, exp, max, where, no loop over time), so it is
     differentiable by autograd and exports to ONNX with a dynamic T.
@@ -198,6 +203,12 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
     """
     _check_wkv_inputs(w, u, k, v)
     require_positive_int("chunk_size", chunk_size)
+    dispatch.check_backend(backend, ("auto", "torch", "triton"))
+    eligible = torch.promote_types(k.dtype, v.dtype) != torch.float64  # fp64 stays on the torch path
+    if dispatch.use_triton(backend, w, u, k, v, eligible=eligible, why_not="fp32 or half-precision inputs"):
+        from linmix.ops.triton.bi_wkv import bi_wkv_triton
+
+        return bi_wkv_triton(w, u, k, v, chunk_size=chunk_size)
     out_dtype, dtype = _compute_dtypes(k, v)
     w, u, k, v = (t.to(dtype) for t in (w, u, k, v))
     batch, length, channels = k.shape
