@@ -14,6 +14,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e ".[dev]"
+	# lm-eval has no plug-in discovery: a .pth hook registers `lm_eval --model linmix`.
+	$(VENV)/bin/linmix lm install-lm-eval-hook
 	touch $@
 
 install: $(VENV)/.installed

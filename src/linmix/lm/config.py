@@ -143,7 +143,9 @@ PRESETS = {
     # Small models for CPU work and tests.
     "based-small": lambda: _based(256, 8, (1, 5), (2, 6), vocab_size=50257, linear_attention_heads=4, num_heads=4,
                                   feature_dim=16, window=64),
-    "transformer-pp-small": lambda: _uniform("attention", 256, 8, num_heads=4),
+    # mlp_hidden 568 (not 2 d = 512) matches based-small's parameter count (within 0.1%), so the
+    # two train as equal-size peers (linmix lm train; docs/lm.md).
+    "transformer-pp-small": lambda: _uniform("attention", 256, 8, num_heads=4, mlp_hidden=568),
     "mamba-small": lambda: _uniform("mamba", 256, 8, mlp_hidden=0),
     "sliding-window-small": lambda: _uniform("sliding_window", 256, 8, num_heads=4, window=64),
     "base-conv-small": lambda: _uniform("base_conv", 256, 8),

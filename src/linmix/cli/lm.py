@@ -1,0 +1,144 @@
+"""`linmix lm train | eval | lm-eval-task | install-lm-eval-hook`: training and evaluating LMs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from linmix.cli.app import CliError, lm_app
+
+
+@lm_app.command("train")
+def train(
+    data: Path = typer.Option(..., help="Training text: .txt / .jsonl / .parquet file, a folder of them, or a datasets folder."),
+    out_dir: Path = typer.Option(..., help="Run folder: checkpoints, metrics.jsonl, the final model (resumes if it holds a run)."),
+    model: str = typer.Option("based-small", help="Preset name (based-small, transformer-pp-small, ...) or a config.json path."),
+    tokenizer: Optional[str] = typer.Option(None, help="tokenizer.json, a folder with vocab.json + merges.txt, or 'byte' (default)."),
+    seq_len: int = typer.Option(512, help="Tokens per packed training sequence."),
+    batch_size: int = typer.Option(16, help="Sequences per optimizer step, over all processes and accumulation micro-steps."),
+    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps (default 1000, or from --max-tokens)."),
+    max_tokens: Optional[int] = typer.Option(None, help="Token budget: max_steps = max_tokens / (batch_size x seq_len)."),
+    lr: float = typer.Option(8e-4, help="Peak learning rate (AdamW)."),
+    min_lr_ratio: float = typer.Option(0.1, help="Cosine floor as a fraction of --lr."),
+    warmup_steps: int = typer.Option(100, help="Linear warm-up steps."),
+    weight_decay: float = typer.Option(0.1, help="AdamW decay (never on norms, biases, embeddings)."),
+    grad_clip: float = typer.Option(1.0, help="Gradient-norm clip (0 disables)."),
+    grad_accum: int = typer.Option(1, help="Micro-steps accumulated per optimizer step."),
+    precision: str = typer.Option("auto", help="auto (bf16 autocast where supported) | fp32 | bf16."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
+    log_every: int = typer.Option(10, help="Optimizer steps per log line / metrics record."),
+    save_every: int = typer.Option(100, help="Optimizer steps per checkpoint."),
+    keep_checkpoints: int = typer.Option(2, help="Checkpoints kept on disk."),
+    eval_data: Optional[Path] = typer.Option(None, help="Held-out text: perplexity every --eval-every steps and at the end."),
+    eval_every: int = typer.Option(0, help="Steps between held-out evaluations (0: only at the end)."),
+    seed: int = typer.Option(0, help="Seed of the initial weights and the data order."),
+    distributed: str = typer.Option("ddp", help="Under torchrun: ddp | fsdp."),
+    text_field: str = typer.Option("text", help="Field / column holding the text in .jsonl / .parquet / datasets."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Train a BASED (or baseline) LM on local text; a killed run resumes exactly from its last checkpoint.
+
+    Multi-process: torchrun --nproc-per-node N -m linmix lm train ... (gloo on CPU, nccl on GPUs).
+    """
+    from linmix.lm.train import LMTrainConfig, train_lm
+    from linmix.training import TrainConfig
+
+    if max_steps is not None and max_tokens is not None:
+        raise CliError("give --max-steps or --max-tokens, not both")
+    steps = max_steps if max_steps is not None else 1000
+    if max_tokens is not None:
+        steps = max(1, max_tokens // (batch_size * seq_len))
+    lm_config = LMTrainConfig(data=str(data), tokenizer=tokenizer, model=model, seq_len=seq_len, batch_size=batch_size,
+                              text_field=text_field, eval_data=str(eval_data) if eval_data else None)
+    train_config = TrainConfig(out_dir=str(out_dir), max_steps=steps, lr=lr, min_lr_ratio=min_lr_ratio,
+                               warmup_steps=min(warmup_steps, steps), weight_decay=weight_decay, grad_clip=grad_clip,
+                               grad_accum=grad_accum, precision=precision, compile=compile, log_every=log_every,
+                               save_every=save_every, eval_every=eval_every, keep_checkpoints=keep_checkpoints,
+                               seed=seed, distributed=distributed, progress=progress)
+    try:
+        train_lm(lm_config, train_config)
+    finally:
+        from linmix.training import cleanup_distributed
+
+        cleanup_distributed()
+
+
+@lm_app.command("eval")
+def evaluate(
+    model_dir: Path = typer.Argument(..., help="A model folder (out_dir/model of `linmix lm train`, or a checkpoint folder)."),
+    data: Optional[Path] = typer.Option(None, help="Held-out text for perplexity (.txt / .jsonl / .parquet / folder)."),
+    recall: list[Path] = typer.Option([], help="Recall task file (.jsonl / .parquet with text, value); repeatable."),
+    tokenizer: Optional[str] = typer.Option(None, help="Override the tokenizer stored in MODEL_DIR."),
+    seq_len: int = typer.Option(512, help="Window length for perplexity."),
+    batch_size: int = typer.Option(8, help="Sequences per forward pass."),
+    limit: Optional[int] = typer.Option(None, help="Use only the first N records of each recall task."),
+    max_length: int = typer.Option(2048, help="Recall: prompt + generation are left-truncated to this many tokens."),
+    max_new_tokens: int = typer.Option(48, help="Recall: new tokens generated (greedy, cut at the first newline)."),
+    text_field: str = typer.Option("text", help="Field / column holding the text of --data."),
+    json_out: Optional[Path] = typer.Option(None, help="Also write the results (and recall generations) as JSON."),
+) -> None:
+    """Held-out perplexity and/or recall-task accuracy ("contains") of a trained model."""
+    import tempfile
+
+    from linmix.lm.data import load_tokens, tokenize_to_file
+    from linmix.lm.evaluate import evaluate_perplexity, evaluate_recall, load_model, load_recall_records
+    from linmix.lm.tokenizers import load_tokenizer
+
+    if data is None and not recall:
+        raise CliError("nothing to evaluate: give --data (perplexity) and/or --recall FILE")
+    model = load_model(model_dir)
+    tok = _model_tokenizer(model_dir, tokenizer, load_tokenizer)
+    results: dict = {"model": str(model_dir)}
+    if data is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            meta = tokenize_to_file(data, tok, Path(tmp) / "eval.bin", text_field=text_field)
+            result = evaluate_perplexity(model, load_tokens(Path(tmp) / "eval.bin"), seq_len=seq_len,
+                                         batch_size=batch_size, n_bytes=meta["n_bytes"])
+        results["perplexity"] = {"data": str(data), **result.to_dict()}
+        typer.echo(f"perplexity {result.perplexity:.3f} | loss {result.loss:.4f} | bits/byte {result.bits_per_byte:.4f} "
+                   f"| {result.scored_tokens:,} tokens of {data}")
+    for task_file in recall:
+        records = load_recall_records(task_file, limit=limit)
+        scores = evaluate_recall(model, tok, records, max_new_tokens=max_new_tokens, max_length=max_length,
+                                 batch_size=batch_size)
+        results.setdefault("recall", {})[task_file.stem] = scores
+        typer.echo(f"recall {task_file.stem}: contains {100 * scores['contains']:.2f} ({scores['n']} records)")
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _model_tokenizer(model_dir: Path, override: Optional[str], load_tokenizer):
+    from linmix.lm.tokenizers import BYTE_TOKENIZER_FILE
+
+    if override is not None:
+        return load_tokenizer(override)
+    if any((model_dir / name).is_file() for name in ("tokenizer.json", "vocab.json", BYTE_TOKENIZER_FILE)):
+        return load_tokenizer(model_dir)
+    raise CliError(f"{model_dir} holds no tokenizer (tokenizer.json, vocab.json + merges.txt, byte_tokenizer.json): "
+                   "pass --tokenizer")
+
+
+@lm_app.command("lm-eval-task")
+def lm_eval_task(
+    data_file: Path = typer.Argument(..., help="Recall task file (.jsonl / .parquet with fields text, value)."),
+    name: str = typer.Option(..., help="Task name for lm_eval --tasks."),
+    out_dir: Path = typer.Option(..., help="Folder for the task YAML (pass it to lm_eval --include_path)."),
+) -> None:
+    """Write an lm-eval task running a local recall file the BASED paper's way (greedy, newline, 48 tokens, contains)."""
+    from linmix.lm.lm_eval_adapter import write_recall_task
+
+    path = write_recall_task(data_file, name, out_dir)
+    typer.echo(f"wrote {path}; run: lm_eval --model linmix --model_args pretrained=DIR --include_path {out_dir} --tasks {name}")
+
+
+@lm_app.command("install-lm-eval-hook")
+def install_lm_eval_hook(
+    site_dir: Optional[Path] = typer.Option(None, help="site-packages folder (default: this environment's)."),
+) -> None:
+    """Make `lm_eval --model linmix` work in this environment (writes linmix_lm_eval.pth)."""
+    from linmix.lm.lm_eval_adapter import install_hook
+
+    typer.echo(f"wrote {install_hook(site_dir)}")
