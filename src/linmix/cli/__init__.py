@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+import typer
+
 from linmix.cli.app import CliError, app, lm_app, mqar_app, sam_app
 
 # Command modules, one per task area; each registers its commands on a group from app.py.
@@ -22,21 +24,43 @@ for _name in _COMMAND_MODULES:
 _USER_ERRORS = (CliError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, KeyError)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _click_exceptions():
+    """The exception classes of the click that typer runs on (recent typer vendors its own copy)."""
     try:
-        # Standalone mode: click prints usage errors itself and always ends with SystemExit.
-        app(args=argv, prog_name="linmix")
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions
+    return exceptions
+
+
+def main(argv: list[str] | None = None) -> int:
+    click = _click_exceptions()
+    no_args_is_help = getattr(click, "NoArgsIsHelpError", ())  # click >= 8.2
+    aborts = (typer.Abort, KeyboardInterrupt) + ((click.Abort,) if hasattr(click, "Abort") else ())
+    try:
+        # Not standalone: usage errors come back here, to be printed as one line like the others.
+        result = app(args=argv, prog_name="linmix", standalone_mode=False)
+        return result if isinstance(result, int) else 0
     except SystemExit as exit_:
         code = exit_.code
         return code if isinstance(code, int) else (0 if code is None else 1)
+    except no_args_is_help as error:
+        print(error.ctx.get_help() if error.ctx else "")  # a group without a sub-command: its help
+        return 2
+    except click.UsageError as error:  # unknown command or option, bad or missing value
+        hint = f" (see '{error.ctx.command_path} --help')" if error.ctx else ""
+        print(f"error: {error.format_message()}{hint}", file=sys.stderr)
+        return error.exit_code
+    except click.ClickException as error:
+        print(f"error: {error.format_message()}", file=sys.stderr)
+        return error.exit_code
+    except aborts:
+        print("interrupted", file=sys.stderr)
+        return 130
     except _USER_ERRORS as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"error: {message}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
 
 
 __all__ = ["CliError", "app", "lm_app", "mqar_app", "sam_app", "main"]

@@ -32,6 +32,26 @@ lm_app = _group("lm", "BASED language models: train, generate, evaluate, convert
 mqar_app = _group("mqar", "The MQAR recall-vs-state-size study: run a sweep, report results.")
 sam_app = _group("sam", "RWKV-SAM promptable segmentation: segment, automatic masks, train, evaluate, export.")
 
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"linmix {version('linmix')}")
+        except PackageNotFoundError:  # running from a source tree that was never installed
+            typer.echo("linmix (not installed)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    pass
+
+
 app.add_typer(lm_app, name="lm")
 app.add_typer(mqar_app, name="mqar")
 app.add_typer(sam_app, name="sam")

@@ -123,13 +123,13 @@ def export_onnx_command(
     variant: Optional[str] = typer.Option(None, "--variant", help=VARIANT_HELP),
 ) -> None:
     """Export the prompt decoder (and the image encoder) of an RWKV-SAM model to ONNX."""
+    model = _load(checkpoint, variant)
     try:
         import onnxscript  # noqa: F401  (the dynamo exporter needs it)
     except ImportError as error:
         raise CliError("ONNX export needs the export extra: pip install 'linmix[export]'") from error
     from linmix.sam import export_decoder_onnx, export_image_encoder_onnx
 
-    model = _load(checkpoint, variant)
     out.mkdir(parents=True, exist_ok=True)
     written = {}
     if encoder:

@@ -1,0 +1,1 @@
+"""Benchmarks that ship with the package (``linmix bench``): decode throughput (:mod:`linmix.bench.decode`)."""
