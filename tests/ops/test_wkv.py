@@ -56,20 +56,25 @@ def _grads(fn, inputs, cotangent):
 # bidirectional
 
 
+FORMS = ["one_shift", "chunked"]
+
+
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("length", [1, 2, 15, 64, 1024])
-def test_bi_wkv_matches_reference_fp32(length):
+def test_bi_wkv_matches_reference_fp32(length, form):
     w, u, k, v = _bi_inputs(length)
-    y = bi_wkv(w, u, k, v)
+    y = bi_wkv(w, u, k, v, form=form)
     assert y.dtype == torch.float32 and y.shape == k.shape
     assert_close_rms(y, bi_wkv_reference(*_double(w, u, k, v)), 2e-6, f"bi_wkv T={length}")
     assert _max_relative_error(y, w, u, k, v) <= 3e-6
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("length", [4096])
-def test_bi_wkv_matches_reference_long(length):
+def test_bi_wkv_matches_reference_long(length, form):
     w, u, k, v = _bi_inputs(length, batch=1, channels=9)
-    y = bi_wkv(w, u, k, v)
+    y = bi_wkv(w, u, k, v, form=form)
     assert_close_rms(y, bi_wkv_reference(*_double(w, u, k, v)), 2e-6, f"bi_wkv T={length}")
     assert _max_relative_error(y, w, u, k, v) <= 3e-6
 
@@ -77,14 +82,15 @@ def test_bi_wkv_matches_reference_long(length):
 @pytest.mark.parametrize("chunk_size", [1, 5, 16, 64, 300])
 def test_bi_wkv_chunk_sizes(chunk_size):
     w, u, k, v = _bi_inputs(200, key_scale=3.0)
-    y = bi_wkv(w, u, k, v, chunk_size=chunk_size)
+    y = bi_wkv(w, u, k, v, chunk_size=chunk_size, form="chunked")
     assert_close_rms(y, bi_wkv_reference(*_double(w, u, k, v)), 2e-6, f"chunk_size={chunk_size}")
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("length", [2, 15, 100])
-def test_bi_wkv_fp64_is_exact(length):
+def test_bi_wkv_fp64_is_exact(length, form):
     w, u, k, v = _double(*_bi_inputs(length))
-    y = bi_wkv(w, u, k, v, chunk_size=8)
+    y = bi_wkv(w, u, k, v, chunk_size=8, form=form)
     assert y.dtype == torch.float64
     assert_close_rms(y, bi_wkv_reference(w, u, k, v), 1e-12, "fp64")
 
@@ -138,14 +144,30 @@ def test_bi_wkv_gradients_match_reference(length):
     inputs = _bi_inputs(length)
     cotangent = torch.randn_like(inputs[2])
     expected = _grads(bi_wkv_reference, _double(*inputs), cotangent.double())
-    chunked = lambda *args: bi_wkv(*args, chunk_size=8)  # several chunks for T = 15, 64
+    chunked = lambda *args: bi_wkv(*args, chunk_size=8, form="chunked")  # several chunks for T = 15, 64
     _assert_grads_close(_grads(chunked, inputs, cotangent), expected, 2e-6, f"fp32 T={length}")
     _assert_grads_close(_grads(chunked, _double(*inputs), cotangent), expected, 1e-12, f"fp64 T={length}")
 
 
 def test_bi_wkv_gradcheck():
     w, u, k, v = (t.requires_grad_() for t in _double(*_bi_inputs(7, batch=1, channels=5)))
-    assert torch.autograd.gradcheck(lambda *args: bi_wkv(*args, chunk_size=3), (w * 7, u, k, v))
+    assert torch.autograd.gradcheck(lambda *args: bi_wkv(*args, chunk_size=3, form="chunked"), (w * 7, u, k, v))
+    assert torch.autograd.gradcheck(lambda *args: bi_wkv(*args, chunk_size=3, form="one_shift"), (w, u, k, v))
+
+
+def test_bi_wkv_auto_form_picks_one_shift_only_where_exact(monkeypatch):
+    import linmix.ops.wkv as wkv_module
+
+    calls = []
+    real = wkv_module.bi_wkv_one_shift
+    monkeypatch.setattr(wkv_module, "bi_wkv_one_shift", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    w, u, k, v = _bi_inputs(50)
+    bi_wkv(w, u, k, v)  # Vision-RWKV decays: (T - 1) |w| <= 20
+    assert calls == [1]
+    bi_wkv(w * 50, u, k, v, chunk_size=1)  # per-token |w| up to 20: only the chunked form is exact
+    assert calls == [1]
+    with pytest.raises(ValueError, match="form must be one of"):
+        bi_wkv(w, u, k, v, form="fast")
 
 
 def test_bi_wkv_exports_with_dynamic_length():
