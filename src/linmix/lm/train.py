@@ -68,6 +68,17 @@ def build_model_config(model: str, vocab_size: int) -> BasedConfig:
     return preset(model, vocab_size=vocab_size)
 
 
+def weights_digest(model) -> str:
+    """sha256 of every parameter's bytes, in name order (equal digests: bit-identical weights)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, parameter in sorted(model.named_parameters()):
+        digest.update(name.encode())
+        digest.update(parameter.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def lm_loss(model, batch: dict[str, torch.Tensor]):
     """Shifted next-token cross-entropy over a packed batch ``input_ids [b, T]``."""
     input_ids = batch["input_ids"]
@@ -137,6 +148,9 @@ def train_lm(config: LMTrainConfig, train_config) -> dict[str, Any]:
 
     trainer = Trainer(model, train_config, loss_fn=lm_loss, batches=batches, eval_fn=eval_fn, save_extra=save_extra)
     summary = trainer.fit()
+    if world_size > 1 and train_config.distributed == "ddp":
+        # every rank must end with the same weights; printed so a launcher (and the tests) can check
+        print(f"rank {os.environ.get('RANK', '0')}/{world_size}: final weights sha256 {weights_digest(model)}", flush=True)
     if not is_main:
         return summary
     final = out_dir / FINAL_MODEL_DIR
