@@ -124,7 +124,7 @@ def encode_png(image: np.ndarray) -> bytes:
     if array.dtype != np.uint8 or array.ndim not in (2, 3):
         raise ValueError(f"encode_png needs a bool or uint8 HxW / HxWxC array, got shape {array.shape} dtype {array.dtype}")
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG", optimize=True)
+    Image.fromarray(array).save(buffer, format="PNG")  # optimize=True costs 10x the time for ~10% smaller files
     return buffer.getvalue()
 
 

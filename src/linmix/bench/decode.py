@@ -99,15 +99,16 @@ def build_decode_models(config: DecodeBenchConfig) -> dict[str, Any]:
     if "BASED" in config.models:
         models["BASED"] = based
     if "Transformer++" in config.models:
-        best = None
-        for hidden in range(config.d_model // 2, 8 * config.d_model + 1, 32):
-            candidate = preset("transformer-pp-small", d_model=config.d_model, n_layer=config.n_layer, mlp_hidden=hidden,
-                               vocab_size=config.vocab_size, num_heads=heads, layer_types=["attention"] * config.n_layer)
-            with torch.device("meta"):
-                count = BasedForCausalLM(candidate).num_parameters()
-            if best is None or abs(count - target) < abs(best[1] - target):
-                best = (candidate, count)
-        models["Transformer++"] = BasedForCausalLM(best[0]).eval()
+        def transformer_config(hidden: int):
+            return preset("transformer-pp-small", d_model=config.d_model, n_layer=config.n_layer, mlp_hidden=hidden,
+                          vocab_size=config.vocab_size, num_heads=heads, layer_types=["attention"] * config.n_layer)
+
+        # The parameter count is affine in the MLP width: two small builds give its slope and offset.
+        low, high = 32, 64
+        count_low = BasedForCausalLM(transformer_config(low)).num_parameters()
+        slope = (BasedForCausalLM(transformer_config(high)).num_parameters() - count_low) / (high - low)
+        hidden = max(32, 32 * round((low + (target - count_low) / slope) / 32))
+        models["Transformer++"] = BasedForCausalLM(transformer_config(hidden)).eval()
     return models
 
 
