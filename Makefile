@@ -20,8 +20,9 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# The main job: `linmix tour` (MQAR quick study, RWKV-SAM on the bundled images, decode throughput).
 demo: install
-	$(PY) benchmarks/ops.py --quick
+	$(VENV)/bin/linmix tour --out tour-out
 
 test: install
 	$(PY) -m pytest -q
