@@ -208,3 +208,25 @@ def test_export_onnx_decoder_runs_in_onnxruntime(capsys, tmp_path, checkpoint):
     session = onnxruntime.InferenceSession(str(tmp_path / "decoder.onnx"))
     assert [i.name for i in session.get_inputs()][:4] == ["image_embeddings", "stage1", "stage2", "point_coords"]
     assert json.loads((tmp_path / "export.json").read_text())["image_size"] == model.image_size
+
+
+def test_serve_builds_the_app_with_the_limits_asked(capsys, monkeypatch, checkpoint):
+    uvicorn = pytest.importorskip("uvicorn")
+    from fastapi.testclient import TestClient
+
+    calls = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.update(app=app, **kwargs))
+    path, _ = checkpoint
+    code, out, err = run(capsys, "serve", "--port", "8123", "--checkpoint", str(path), "--cache-size", "3",
+                         "--max-upload-mb", "1", "--max-side", "512", "--max-concurrency", "1")
+    assert code == 0, err
+    assert calls["host"] == "127.0.0.1" and calls["port"] == 8123 and "http://127.0.0.1:8123" in out
+    limits = calls["app"].state.limits
+    assert (limits.cache_size, limits.max_upload_bytes, limits.max_side, limits.max_concurrent_model_calls) == (3, 1 << 20, 512, 1)
+    health = TestClient(calls["app"]).get("/api/health").json()
+    assert health["model"]["image_size"] == 64 and health["cache_capacity"] == 3
+
+
+def test_serve_without_weights_is_one_line(capsys, tmp_path):
+    code, _, err = run(capsys, "serve", "--checkpoint", str(tmp_path / "none.safetensors"))
+    assert code == 1 and err.startswith("error: RWKV-SAM checkpoint not found") and len(err.strip().splitlines()) == 1
