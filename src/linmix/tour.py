@@ -120,9 +120,11 @@ def _stage_segment(config: TourConfig, result: StageResult, echo: Callable[[str]
     out = config.out_dir / "segment"
     model = load_sam_model(config.sam_checkpoint, config.sam_variant)
     echo(f"segment: RWKV-SAM {getattr(model, 'variant', '')} at {model.image_size}px on {len(EXAMPLES)} bundled images -> {out}")
+    from tqdm.auto import tqdm
+
     predictor = RwkvSamPredictor(model)
     records, tiles = [], []
-    for example in EXAMPLES:
+    for example in tqdm(EXAMPLES, desc="segment", unit="image", disable=not config.progress):
         image = load_example_image(example.name)
         truth = render_example(example.name)[1]
         start = time.perf_counter()
