@@ -24,15 +24,18 @@ def _inputs(batch, length, channels, w_scale=1.0, dtype=torch.float32):
     return w, u, k, v
 
 
-@pytest.mark.parametrize("batch, length, channels", [(2, 13, 70), (1, 1, 5), (1, 20, 16)])
-def test_forward_equals_oracle_fp32(batch, length, channels):
+@pytest.mark.parametrize("batch, length, channels, chunk_size", [(2, 13, 20, 4), (1, 1, 5, 64), (1, 9, 16, 64), (1, 10, 8, 5)])
+def test_forward_equals_oracle_fp32(batch, length, channels, chunk_size):
+    """One chunk (the two sweeps alone) and several, the last one short (chunk summaries, the states
+    carried between chunks, and the per-chunk sweeps from them)."""
     w, u, k, v = _inputs(batch, length, channels)
-    assert_close_rms(bi_wkv(w, u, k, v, backend="triton"), bi_wkv_reference(w, u, k, v), TOLERANCE[torch.float32])
+    actual = bi_wkv(w, u, k, v, backend="triton", chunk_size=chunk_size)
+    assert_close_rms(actual, bi_wkv_reference(w, u, k, v), TOLERANCE[torch.float32])
 
 
 def test_forward_bf16_keeps_dtype():
     w, u, k, v = _inputs(1, 11, 24, dtype=torch.bfloat16)
-    y = bi_wkv(w, u, k, v, backend="triton")
+    y = bi_wkv(w, u, k, v, backend="triton", chunk_size=4)
     assert y.dtype == torch.bfloat16
     assert_close_rms(y, bi_wkv_reference(w, u, k.double(), v.double()), TOLERANCE[torch.bfloat16])
 
@@ -43,7 +46,7 @@ def test_large_decay_and_masked_keys_stay_finite():
     w, u, k, v = _inputs(2, 12, 9, w_scale=1200.0)
     k[0, 3:7] = float("-inf")
     k[1] = float("-inf")  # a whole row without keys
-    y = bi_wkv(w, u, k, v, backend="triton")
+    y = bi_wkv(w, u, k, v, backend="triton", chunk_size=5)
     assert torch.isfinite(y).all()
     assert torch.equal(y[1], torch.zeros_like(y[1]))
     assert_close_rms(y, bi_wkv_reference(w, u, k, v), 1e-5)
@@ -51,7 +54,7 @@ def test_large_decay_and_masked_keys_stay_finite():
 
 def test_gradients_equal_oracle_gradients():
     w, u, k, v = (t.detach().requires_grad_() for t in _inputs(1, 10, 12))
-    y = bi_wkv(w, u, k, v, backend="triton")
+    y = bi_wkv(w, u, k, v, backend="triton", chunk_size=4)
     upstream = torch.randn_like(y)
     actual = torch.autograd.grad(y, (w, u, k, v), upstream)
     expected = torch.autograd.grad(bi_wkv_reference(w, u, k, v), (w, u, k, v), upstream)

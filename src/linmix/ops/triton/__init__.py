@@ -2,8 +2,8 @@
 
 - :mod:`linmix.ops.triton.taylor_step`: one fused kernel per linear-attention decode step (Taylor
   feature map of q and k, fp32 state update, readout) behind :func:`linmix.ops.linear_attention_step`;
-- :mod:`linmix.ops.triton.bi_wkv`: Bi-WKV forward in one kernel (two sequential sweeps over T per
-  channel block, RWKV-4's max-tracked state) behind :func:`linmix.ops.bi_wkv`.
+- :mod:`linmix.ops.triton.bi_wkv`: Bi-WKV forward (chunk-parallel sweeps in RWKV-4's max-tracked
+  form, three launches) behind :func:`linmix.ops.bi_wkv`.
 
 Each op chooses its kernel for CUDA tensors (see :mod:`linmix.ops.dispatch`); the torch path stays
 the oracle. Under ``TRITON_INTERPRET=1`` (set before these modules are imported) the kernels run on

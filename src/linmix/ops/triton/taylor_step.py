@@ -56,7 +56,7 @@ def taylor_feature_table(feature_dim: int, symmetric: bool, device) -> tuple[tor
 
 @triton.jit
 def _taylor_features(base_ptr, stride, first, second, scale, row_valid):
-    """phi(x) [BLOCK_E] in fp32 from x at base_ptr (stride between features); padded rows are 0."""
+    # phi(x) [BLOCK_E] in fp32 from x at base_ptr (stride between features); padded rows are 0.
     a = tl.load(base_ptr + tl.where(first >= 0, first, 0) * stride, mask=row_valid & (first >= 0), other=1.0).to(tl.float32)
     b = tl.load(base_ptr + tl.where(second >= 0, second, 0) * stride, mask=row_valid & (second >= 0), other=1.0).to(tl.float32)
     return a * b * scale
