@@ -123,3 +123,31 @@ def test_load_model_reads_a_checkpoint_folder_with_both_tied_names(tmp_path):
     ids = torch.randint(0, 256, (1, 9))
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
     assert loaded.lm_head.weight is loaded.transformer.embeddings.word_embeddings.weight
+
+
+def test_lm_eval_command_reports_perplexity_and_recall_of_a_model_folder(tmp_path, capsys):
+    from linmix.cli import main
+
+    model = BasedForCausalLM.from_preset("based-tiny", vocab_size=257).eval()
+    model.save_pretrained(tmp_path / "model")
+    ByteTokenizer().save(tmp_path / "model")
+    (tmp_path / "heldout.txt").write_text("Friends to this ground. And liegemen to the Dane.")
+    records = [{"text": "Who's there?\nNay, answer me", "value": "stand"}, {"text": "Long live the", "value": "king"}]
+    (tmp_path / "swde.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    code = main(["lm", "eval", str(tmp_path / "model"), "--data", str(tmp_path / "heldout.txt"), "--seq-len", "16",
+                 "--recall", str(tmp_path / "swde.jsonl"), "--json-out", str(tmp_path / "results.json")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "perplexity" in printed and "recall swde: contains" in printed
+    results = json.loads((tmp_path / "results.json").read_text())
+    text = (tmp_path / "heldout.txt").read_text()
+    expected = evaluate_perplexity(model, list(text.encode()) + [256], seq_len=16, n_bytes=len(text))
+    assert results["perplexity"]["perplexity"] == pytest.approx(expected.perplexity, rel=1e-5)
+    direct = evaluate_recall(model, ByteTokenizer(), records)
+    assert results["recall"]["swde"]["generations"] == direct["generations"]
+    assert results["recall"]["swde"]["contains"] == direct["contains"]
+    assert all("\n" not in g and len(g.encode("utf-8", "surrogateescape")) <= 48 * 3 for g in direct["generations"])
+    # a folder without a tokenizer is refused with the way out
+    model.save_pretrained(tmp_path / "bare")
+    assert main(["lm", "eval", str(tmp_path / "bare"), "--recall", str(tmp_path / "swde.jsonl")]) == 1
+    assert "--tokenizer" in capsys.readouterr().err
