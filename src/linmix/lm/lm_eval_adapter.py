@@ -100,7 +100,7 @@ class LinmixLM(_lm_base()):
         if self.tok.vocab_size > self.model.config.vocab_size:
             raise ValueError(f"tokenizer has {self.tok.vocab_size} tokens, the model only {self.model.config.vocab_size}")
         self._device = torch.device(device)
-        self.batch_size = int(batch_size) if str(batch_size) != "auto" else 8
+        self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)  # "auto" / "auto:N": a fixed 8
         self.max_length = int(max_length)
         self.max_gen_toks = int(max_gen_toks)
         self.unused_args = unused  # lm-eval passes e.g. max_batch_size; nothing here needs it
