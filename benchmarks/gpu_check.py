@@ -135,13 +135,22 @@ def run_checks(device: torch.device, tiny: bool) -> list[dict]:
     checks: list[dict] = []
     has_triton = triton_usable(device)
 
-    def record(name: str, dtype: torch.dtype, error: float, note: str = "") -> None:
-        tolerance = TOLERANCE[dtype]
+    def record(name: str, dtype: torch.dtype, error: float, note: str = "", tolerance: float | None = None) -> None:
+        tolerance = TOLERANCE[dtype] if tolerance is None else tolerance
         checks.append({"check": name, "dtype": str(dtype).removeprefix("torch."), "rms_rel_error": error,
                        "tolerance": tolerance, "passed": bool(error <= tolerance), "note": note})
 
     def skip(name: str, why: str) -> None:
         checks.append({"check": name, "dtype": "-", "rms_rel_error": None, "tolerance": None, "passed": None, "note": why})
+
+    @contextlib.contextmanager
+    def guarded(name: str, dtype: torch.dtype | None = None):
+        """A path that raises is a failed check, not a lost run (the GPU time is short)."""
+        try:
+            yield
+        except Exception as error:  # noqa: BLE001 (any failure of a GPU path is reported as such)
+            checks.append({"check": name, "dtype": str(dtype).removeprefix("torch.") if dtype else "-", "rms_rel_error": None,
+                           "tolerance": None, "passed": False, "note": f"raised {type(error).__name__}: {error}"[:300]})
 
     generator = torch.Generator().manual_seed(0)
 
@@ -151,68 +160,72 @@ def run_checks(device: torch.device, tiny: bool) -> list[dict]:
     length = 40 if tiny else 1000
     batch, heads, feature_dim, head_dim = 2, 4, 16, 64
     for dtype in (torch.float32, torch.bfloat16):
-        # Linear attention prefill: the default CUDA path (fla's parallel_based when installed).
         q, k = randn(batch, length, heads, feature_dim, scale=0.5), randn(batch, length, heads, feature_dim, scale=0.5)
         v = randn(batch, length, heads, head_dim)
-        expected = linear_attention_reference(q.double(), k.double(), v.double())
-        actual = linear_attention(*(t.to(device, dtype) for t in (q, k, v)))
-        from linmix.ops.linear_attention import _fla_parallel_based
+        with guarded("linear attention prefill", dtype):
+            # The default CUDA path (fla's parallel_based when installed).
+            from linmix.ops.linear_attention import _fla_parallel_based
 
-        path = "fla parallel_based" if (device.type == "cuda" and _fla_parallel_based() is not None) else "torch chunked"
-        record("linear attention prefill", dtype, rms_relative(actual, expected), path)
+            expected = linear_attention_reference(q.double(), k.double(), v.double())
+            actual = linear_attention(*(t.to(device, dtype) for t in (q, k, v)))
+            path = "fla parallel_based" if (device.type == "cuda" and _fla_parallel_based() is not None) else "torch chunked"
+            record("linear attention prefill", dtype, rms_relative(actual, expected), path)
 
-        # Fused decode step vs the torch step, from a state after a prompt.
         if has_triton:
-            _, state = linear_attention(q.double()[:, :-1], k.double()[:, :-1], v.double()[:, :-1], return_final_state=True)
-            reference_state = LinearAttentionState(kv=state.kv.clone(), k_sum=state.k_sum.clone())
-            expected, _ = linear_attention_step(reference_state, q.double()[:, -1], k.double()[:, -1], v.double()[:, -1])
-            kernel_state = LinearAttentionState(kv=state.kv.float().to(device), k_sum=state.k_sum.float().to(device))
-            actual, _ = linear_attention_step(kernel_state, *(t[:, -1].to(device, dtype) for t in (q, k, v)), backend="triton")
-            record("Taylor decode step (Triton)", dtype, rms_relative(actual, expected))
-            record("Taylor decode step state (Triton)", dtype, rms_relative(kernel_state.kv, reference_state.kv))
+            with guarded("Taylor decode step (Triton)", dtype):  # from a state after a prompt
+                _, state = linear_attention(q.double()[:, :-1], k.double()[:, :-1], v.double()[:, :-1], return_final_state=True)
+                reference_state = LinearAttentionState(kv=state.kv.clone(), k_sum=state.k_sum.clone())
+                expected, _ = linear_attention_step(reference_state, q.double()[:, -1], k.double()[:, -1], v.double()[:, -1])
+                kernel_state = LinearAttentionState(kv=state.kv.float().to(device), k_sum=state.k_sum.float().to(device))
+                actual, _ = linear_attention_step(kernel_state, *(t[:, -1].to(device, dtype) for t in (q, k, v)), backend="triton")
+                record("Taylor decode step (Triton)", dtype, rms_relative(actual, expected))
+                record("Taylor decode step state (Triton)", dtype, rms_relative(kernel_state.kv, reference_state.kv))
         else:
             skip("Taylor decode step (Triton)", "triton not usable here (no CUDA, TRITON_INTERPRET unset)")
 
-        # Sliding-window prefill (FlexAttention on CUDA), with left padding.
-        window = 16 if tiny else 128
-        q, k, v = (randn(batch, length, heads, head_dim) for _ in range(3))
-        mask = torch.ones(batch, length, dtype=torch.bool)
-        mask[0, : length // 3] = False
-        expected = sliding_window_attention_reference(q.double(), k.double(), v.double(), window=window, key_padding_mask=mask)
-        backend = "auto" if device.type == "cuda" else "flex"
-        actual = sliding_window_attention(*(t.to(device, dtype) for t in (q, k, v)), window=window,
-                                          key_padding_mask=mask.to(device), backend=backend)
-        record("sliding-window prefill (FlexAttention)", dtype, rms_relative(actual, expected))
+        with guarded("sliding-window prefill (FlexAttention)", dtype):  # with left padding
+            window = 16 if tiny else 128
+            q, k, v = (randn(batch, length, heads, head_dim) for _ in range(3))
+            mask = torch.ones(batch, length, dtype=torch.bool)
+            mask[0, : length // 3] = False
+            expected = sliding_window_attention_reference(q.double(), k.double(), v.double(), window=window, key_padding_mask=mask)
+            backend = "auto" if device.type == "cuda" else "flex"
+            actual = sliding_window_attention(*(t.to(device, dtype) for t in (q, k, v)), window=window,
+                                              key_padding_mask=mask.to(device), backend=backend)
+            record("sliding-window prefill (FlexAttention)", dtype, rms_relative(actual, expected))
 
-        # Bi-WKV forward (Triton) at a Vision-RWKV-like scale: w / T, u / T.
         if has_triton:
-            tokens, channels = (24, 40) if tiny else (1024, 384)
-            w, u = randn(channels, scale=3.0) / tokens, randn(channels) / tokens
-            k, v = randn(1, tokens, channels, scale=2.0), randn(1, tokens, channels)
-            expected = bi_wkv_reference(w.double(), u.double(), k.double(), v.double())
-            actual = bi_wkv(w.to(device), u.to(device), k.to(device, dtype), v.to(device, dtype), backend="triton")
-            record("Bi-WKV forward (Triton)", dtype, rms_relative(actual, expected))
+            with guarded("Bi-WKV forward (Triton)", dtype):  # at a Vision-RWKV-like scale: w / T, u / T
+                tokens, channels = (24, 40) if tiny else (1024, 384)
+                w, u = randn(channels, scale=3.0) / tokens, randn(channels) / tokens
+                k, v = randn(1, tokens, channels, scale=2.0), randn(1, tokens, channels)
+                expected = bi_wkv_reference(w.double(), u.double(), k.double(), v.double())
+                actual = bi_wkv(w.to(device), u.to(device), k.to(device, dtype), v.to(device, dtype), backend="triton",
+                                chunk_size=8 if tiny else 64)
+                record("Bi-WKV forward (Triton)", dtype, rms_relative(actual, expected))
         else:
             skip("Bi-WKV forward (Triton)", "triton not usable here")
 
-    if has_triton:  # gradients: the Triton forward with the torch form's backward
-        tokens, channels = (12, 16) if tiny else (256, 128)
-        inputs = [randn(channels) / tokens, randn(channels) / tokens, randn(1, tokens, channels), randn(1, tokens, channels)]
-        upstream = randn(1, tokens, channels)
-        leaves = [t.double().requires_grad_() for t in inputs]
-        expected = torch.autograd.grad(bi_wkv_reference(*leaves), leaves, upstream.double())
-        leaves = [t.to(device).requires_grad_() for t in inputs]
-        actual = torch.autograd.grad(bi_wkv(*leaves, backend="triton"), leaves, upstream.to(device))
-        record("Bi-WKV gradients (Triton fwd + torch bwd)", torch.float32, max(rms_relative(a, e) for a, e in zip(actual, expected)))
+    if has_triton:
+        with guarded("Bi-WKV gradients (Triton fwd + torch bwd)", torch.float32):
+            tokens, channels = (12, 16) if tiny else (256, 128)
+            inputs = [randn(channels) / tokens, randn(channels) / tokens, randn(1, tokens, channels), randn(1, tokens, channels)]
+            upstream = randn(1, tokens, channels)
+            leaves = [t.double().requires_grad_() for t in inputs]
+            expected = torch.autograd.grad(bi_wkv_reference(*leaves), leaves, upstream.double())
+            leaves = [t.to(device).requires_grad_() for t in inputs]
+            actual = torch.autograd.grad(bi_wkv(*leaves, backend="triton"), leaves, upstream.to(device))
+            record("Bi-WKV gradients (Triton fwd + torch bwd)", torch.float32, max(rms_relative(a, e) for a, e in zip(actual, expected)))
 
-    # Whole model and the graphed decoder (BASED with all three mixers).
+    # Whole model (BASED with all three mixers) against CPU fp32, and the graphed decode step against
+    # the model's own step on the same device, fed the same tokens, past several ring-buffer wraps.
     torch.manual_seed(0)
     layer_types = ["base_conv", "linear_attention", "sliding_window", "base_conv"]
     if tiny:
         config = preset("based-tiny", n_layer=4, layer_types=layer_types, window=8)
     else:
         config = preset("based-small", n_layer=4, layer_types=layer_types, vocab_size=512, window=32)
-    prompt_length, new_tokens = (12, 10) if tiny else (40, 24)
+    prompt_length, steps = (12, 12) if tiny else (40, 80)
     reference_model = BasedForCausalLM(config).eval()
     with torch.no_grad():
         for parameter in reference_model.parameters():
@@ -220,26 +233,28 @@ def run_checks(device: torch.device, tiny: bool) -> list[dict]:
     prompt = torch.randint(0, config.vocab_size, (2, prompt_length), generator=generator)
     with torch.no_grad():
         expected_logits = reference_model(prompt).logits
-        expected_tokens = reference_model.generate(prompt, new_tokens)
     for dtype in (torch.float32, torch.bfloat16):
         model = BasedForCausalLM(config).eval()
         model.load_state_dict(reference_model.state_dict())
         model = model.to(device, dtype)
-        with torch.no_grad():
-            record("BASED forward", dtype, rms_relative(model(prompt.to(device)).logits.float(), expected_logits))
+        with guarded("BASED forward", dtype), torch.no_grad():
+            # bf16 weights and activations through 4 blocks: a looser end-to-end bound than one op's.
+            record("BASED forward", dtype, rms_relative(model(prompt.to(device)).logits.float(), expected_logits),
+                   tolerance=1e-4 if dtype == torch.float32 else 6e-2)
+        name = "graphed decode step vs model.step" if device.type == "cuda" else "static decode step (eager) vs model.step"
+        with guarded(name, dtype), torch.no_grad():
             logits, state = run_prefill(model, prompt.to(device), None, None)
             token = logits.argmax(-1)
+            eager_state = state.clone()
             decoder = GraphedGreedyDecoder(model, state, token)
-            tokens = [token] + [decoder.step() for _ in range(new_tokens - 1)]
+            worst = 0.0
+            for _ in range(steps):
+                previous = decoder.token.clone()
+                decoder.step()
+                expected, eager_state = model.step(previous, eager_state)
+                worst = max(worst, rms_relative(decoder.logits.float(), expected.float()))
             decoder.finish()
-            generated = torch.stack(tokens, dim=1).cpu()
-        agreement = float((generated == expected_tokens[:, prompt_length:]).float().mean())
-        graphed = "CUDA graph" if decoder.graph is not None else "eager (no CUDA)"
-        if dtype == torch.float32:  # bf16 rounding may legitimately flip a greedy choice
-            record(f"greedy decode, {graphed}", dtype, 1.0 - agreement, "error = fraction of tokens that differ")
-        else:
-            checks.append({"check": f"greedy decode, {graphed}", "dtype": "bfloat16", "rms_rel_error": 1.0 - agreement,
-                           "tolerance": None, "passed": None, "note": "informational: fraction of tokens that differ from fp32 CPU"})
+            record(name, dtype, worst, f"worst step of {steps} (window {config.window})")
     return checks
 
 
