@@ -110,3 +110,20 @@ def test_force_reference_environment_variable(monkeypatch):
     monkeypatch.setenv(dispatch.FORCE_REFERENCE_ENV, "0")
     assert not dispatch.reference_forced()
     assert dispatch.use_triton("auto", x, eligible=True, why_not="") == x.is_cuda
+
+
+def test_strided_inputs_and_state():
+    """Views (a slice of a packed projection, a state that is a slice of a larger buffer) are read
+    through their strides, not assumed contiguous."""
+    batch, heads, feature_dim, value_dim = 2, 3, 6, 10
+    expanded = taylor_feature_dim(feature_dim)
+    packed = torch.randn(batch, heads, 2 * feature_dim + value_dim, device=DEVICE)
+    q, k, v = packed[..., :feature_dim], packed[..., feature_dim:2 * feature_dim], packed[..., 2 * feature_dim:]
+    buffer = torch.randn(batch, heads, expanded, value_dim + 3, device=DEVICE)
+    state = LinearAttentionState(kv=buffer[..., :value_dim], k_sum=torch.rand(batch, heads, 2 * expanded, device=DEVICE)[..., ::2] + 1)
+    reference = LinearAttentionState(kv=state.kv.clone(), k_sum=state.k_sum.clone())
+    expected, _ = linear_attention_step(reference, q, k, v, backend="torch")
+    actual, _ = linear_attention_step(state, q, k, v, backend="triton")
+    assert_close_rms(actual, expected, 1e-5)
+    assert_close_rms(buffer[..., :value_dim], reference.kv, 1e-6, "kv written in place through the view")
+    assert_close_rms(state.k_sum, reference.k_sum, 1e-6)
