@@ -204,8 +204,11 @@ def plot_decode_throughput(rows: Sequence[DecodeRun], path: str | PathLike[str],
         xs = [r.context for r in mine]
         speed.plot(xs, [r.tokens_per_s for r in mine], "o-", label=name, color=colors.get(name))
         memory.plot(xs, [r.state_bytes / 2**20 for r in mine], "o-", label=name, color=colors.get(name))
+    contexts = sorted({r.context for r in rows})
     for axis, label in ((speed, "decode tokens / s"), (memory, "decode state (MiB)")):
         axis.set_xscale("log", base=2)
+        axis.set_xticks(contexts, [str(c) for c in contexts])
+        axis.minorticks_off()
         axis.set_xlabel("context length T (prompt tokens)")
         axis.set_ylabel(label)
         axis.grid(True, alpha=0.3)
@@ -223,8 +226,14 @@ def write_decode_report(rows: Sequence[DecodeRun], out_dir: str | PathLike[str],
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "decode.json"
-    payload = {"config": asdict(config) if config else None, "threads": torch.get_num_threads(), "rows": [asdict(r) for r in rows]}
+    threads = (config.threads if config else None) or torch.get_num_threads()
+    payload = {"config": asdict(config) if config else None, "threads": threads, "rows": [asdict(r) for r in rows]}
     json_path.write_text(json.dumps(payload, indent=2) + "\n")
     markdown = out / "decode.md"
     markdown.write_text(_table(rows) + "\n")
-    return {"json": json_path, "table": markdown, "plot": plot_decode_throughput(rows, out / "decode.png")}
+    title = None
+    if config is not None:
+        title = (f"Decode at growing context: BASED (recurrent state) vs Transformer++ (KV cache)\n"
+                 f"batch {config.batch}, {config.n_layer} layers, d_model {config.d_model}, random weights, "
+                 f"{config.threads or torch.get_num_threads()} CPU threads")
+    return {"json": json_path, "table": markdown, "plot": plot_decode_throughput(rows, out / "decode.png", title=title)}
