@@ -271,7 +271,7 @@ class VRWKVSpatialMix(nn.Module):
         shifted = q_shift(x, height, width)
 
         def interpolate(mu):
-            return x * mu + shifted * (1 - mu)
+            return torch.lerp(shifted, x, mu)  # mu x + (1 - mu) shifted, in one pass
 
         k = self.key(interpolate(self.spatial_mix_k))
         v = self.value(interpolate(self.spatial_mix_v))
@@ -312,8 +312,8 @@ class VRWKVChannelMix(nn.Module):
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         _check_tokens(x, self.dim, height, width)
         shifted = q_shift(x, height, width)
-        x_k = x * self.spatial_mix_k + shifted * (1 - self.spatial_mix_k)
-        x_r = x * self.spatial_mix_r + shifted * (1 - self.spatial_mix_r)
+        x_k = torch.lerp(shifted, x, self.spatial_mix_k)  # mu x + (1 - mu) shifted
+        x_r = torch.lerp(shifted, x, self.spatial_mix_r)
         return torch.sigmoid(self.receptance(x_r)) * self.value(torch.square(torch.relu(self.key(x_k))))
 
 
@@ -347,6 +347,9 @@ class VRWKVBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        if self.drop_path.p == 0.0 or not self.training:  # fused residual update
+            x = torch.addcmul(x, self.gamma1, self.att(self.ln1(x), height, width))
+            return torch.addcmul(x, self.gamma2, self.ffn(self.ln2(x), height, width))
         x = x + self.drop_path(self.gamma1 * self.att(self.ln1(x), height, width))
         return x + self.drop_path(self.gamma2 * self.ffn(self.ln2(x), height, width))
 
