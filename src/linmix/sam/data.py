@@ -686,7 +686,7 @@ def augment_sample(
     randomly cropped to ``frame`` where larger, and padded at the bottom/right. ``scale_range=(1, 1)``
     and ``flip_probability=0`` give SAM's plain resize-longest-side. Objects left with fewer than
     ``min_area`` pixels are dropped (a crop may remove them); if every object would go, the sample is
-    taken without jitter.
+    taken without jitter (and if they are all that small anyway, the largest one is kept).
 
     Returns: image ``[3, frame, frame]`` normalised (see :func:`prepare_image`), masks ``[K', frame, frame]``
     float in [0, 1] (area-resampled, so edges are soft; threshold at 0.5 for binary masks).
@@ -705,9 +705,14 @@ def augment_sample(
         left = int(rng.integers(0, size[1] - frame + 1)) if size[1] > frame else 0
         crop = (slice(top, top + frame), slice(left, left + frame))
         resized_masks = _resize(masks, size)[:, crop[0], crop[1]]
-        keep = (resized_masks > 0.5).flatten(1).sum(1) >= min_area
+        areas = (resized_masks > 0.5).flatten(1).sum(1)
+        keep = areas >= min_area
         if keep.any():
             break
+    if not keep.any():  # every object is small at this frame size: keep the largest one that is visible
+        if int(areas.max()) == 0:
+            raise DatasetError(f"{sample.name}: no object is visible after resizing to a {frame} px frame")
+        keep = areas == areas.max()
     resized_image = _resize(image, size)[:, crop[0], crop[1]]
     out_h, out_w = resized_image.shape[-2:]
     resized_masks = F.pad(resized_masks[keep], (0, frame - out_w, 0, frame - out_h))
@@ -727,8 +732,8 @@ class PromptBatchSource:
     which objects, prompts) comes from a generator seeded with ``(seed, p)``, so a batch is a pure
     function of its indices and a resumed run sees the same data.
 
-    Within a batch, even images get box prompts and odd images point prompts (both kinds in every
-    batch of two or more). A batch is a dict:
+    Images at even positions get box prompts, odd ones point prompts (both kinds in every batch of
+    an even size). A batch is a dict:
 
     - ``images`` ``[B, 3, S, S]`` normalised and padded; ``masks`` ``[B, K, S, S]`` float targets;
     - ``boxes`` ``[B, K, 4]`` XYXY in the frame; ``point_coords`` ``[B, K, P, 2]``, ``point_labels``
@@ -767,15 +772,27 @@ class PromptBatchSource:
         return self.dataset[int(permutation[offset])]
 
     def sample(self, position: int, is_box: bool) -> dict[str, torch.Tensor]:
-        """One image's training record at sample position ``position``."""
-        rng = np.random.default_rng([self.seed, position, 0x71])
-        sample = self._item(position)
-        if sample.masks.shape[0] == 0 or not sample.masks.any():
-            raise DatasetError(f"{sample.name} has no non-empty mask to prompt")
+        """One image's training record at sample position ``position``.
+
+        An item whose objects all vanish at this frame size (thin wires in a tiny frame) is replaced
+        by the item a fixed stride further on, so the batch stays a pure function of its indices.
+        """
         scale_range = self.scale_range if self.augment else (1.0, 1.0)
-        image, masks = augment_sample(
-            sample, rng, frame=self.image_size, scale_range=scale_range, flip_probability=0.5 if self.augment else 0.0
-        )
+        for attempt in range(20):
+            lookup = position + attempt * 1_000_003
+            rng = np.random.default_rng([self.seed, lookup, 0x71])
+            sample = self._item(lookup)
+            if sample.masks.shape[0] == 0 or not sample.masks.any():
+                raise DatasetError(f"{sample.name} has no non-empty mask to prompt")
+            try:
+                image, masks = augment_sample(
+                    sample, rng, frame=self.image_size, scale_range=scale_range, flip_probability=0.5 if self.augment else 0.0
+                )
+                break
+            except DatasetError:
+                continue
+        else:
+            raise DatasetError(f"no object stays visible in a {self.image_size} px frame (20 items tried from position {position})")
         k = self.prompts_per_image
         chosen = rng.choice(masks.shape[0], size=k, replace=masks.shape[0] < k)
         targets = masks[torch.from_numpy(chosen)]
@@ -796,9 +813,10 @@ class PromptBatchSource:
 
     def get(self, step: int, micro_step: int, rank: int, world_size: int) -> dict[str, torch.Tensor]:
         first = ((step * self.grad_accum + micro_step) * world_size + rank) * self.batch_size
-        records = [self.sample(first + j, is_box=j % 2 == 0) for j in range(self.batch_size)]
+        is_box = [(first + j) % 2 == 0 for j in range(self.batch_size)]
+        records = [self.sample(first + j, is_box=is_box[j]) for j in range(self.batch_size)]
         batch = {key: torch.stack([r[key] for r in records]) for key in records[0]}
-        batch["is_box"] = torch.tensor([j % 2 == 0 for j in range(self.batch_size)])
+        batch["is_box"] = torch.tensor(is_box)
         return batch
 
 

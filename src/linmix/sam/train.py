@@ -52,9 +52,12 @@ STAGES = ("distill", "finetune")
 
 def point_sample(values: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     """Bilinear samples of ``values [N, C, H, W]`` at ``coords [N, P, 2]`` ((x, y) in [0, 1] of the
-    whole map, pixel-area convention) -> ``[N, C, P]``."""
+    whole map, pixel-area convention) -> ``[N, C, P]``.
+
+    Border padding: within half a pixel of the edge the edge value is used (zero padding would make
+    every border point look uncertain, and blur masks that touch the image edge)."""
     grid = (2.0 * coords - 1.0).unsqueeze(2).to(values.dtype)  # [N, P, 1, 2]
-    return F.grid_sample(values, grid, mode="bilinear", align_corners=False).squeeze(3)
+    return F.grid_sample(values, grid, mode="bilinear", padding_mode="border", align_corners=False).squeeze(3)
 
 
 @torch.no_grad()
@@ -161,7 +164,13 @@ class SamTrainingModule(nn.Module):
         if teacher.shape[1] != student.shape[1]:
             raise ValueError(f"teacher embedding has {teacher.shape[1]} channels, the student {student.shape[1]}")
         loss = F.mse_loss(student.float(), teacher.float())
-        return loss, {"distill_mse": loss.detach()}
+        return loss + self._zero_touch(), {"distill_mse": loss.detach()}
+
+    def _zero_touch(self) -> torch.Tensor:
+        """0 x every trainable parameter: parts a batch does not use (the mask-prompt path, a prompt kind
+        absent on this rank) get a zero gradient instead of none, as DDP's reducer requires."""
+        terms = [p.sum() for p in self.parameters() if p.requires_grad]
+        return 0.0 * torch.stack(terms).sum() if terms else torch.zeros(())
 
     @torch.no_grad()
     def _teacher_embedding(self, images: torch.Tensor) -> torch.Tensor:
@@ -222,7 +231,7 @@ class SamTrainingModule(nn.Module):
             single_ious.append(true_iou[:, 0])
         mask_loss = torch.cat(mask_terms).mean()
         iou_loss = torch.cat(iou_terms).mean()
-        total = mask_loss + self.iou_loss_weight * iou_loss
+        total = mask_loss + self.iou_loss_weight * iou_loss + self._zero_touch()
         return total, {"mask_loss": mask_loss.detach(), "iou_loss": iou_loss.detach(), "train_iou": torch.cat(single_ious).mean()}
 
 
