@@ -80,3 +80,31 @@ def test_band_block_lists_cover_the_band(length, context, block, invalid_prefix)
     assert not (allowed & ~covered).any(), "an allowed pair lies in no listed block"
     # Block-sparse: each query block visits at most the band's width in blocks (+2 for alignment).
     assert int((counts + full_counts).max()) <= context // block + 2
+
+
+@pytest.mark.parametrize("length, context, pad", [(700, 200, 0), (650, 100, 300), (130, 5, 0)])
+def test_block_mask_as_flex_reads_it(length, context, pad):
+    """The BlockMask that FlexAttention receives: its dense block map (partial | full) covers every
+    allowed pair and stays inside the band; the query-block lists it derives for the backward pass
+    agree with the key-block lists (no block index lost to the row width)."""
+    from linmix.ops.flex_sliding_window import BLOCK, band_block_mask
+
+    key_length = length + context
+    valid = (torch.arange(key_length) >= pad)[None]
+    block_mask = band_block_mask(length, key_length, context, valid, "cpu")
+    dense = block_mask.to_dense()[0, 0].bool()  # [Nq, Nk]
+    query = torch.arange(length)[:, None]
+    key = torch.arange(key_length)[None, :]
+    allowed = (key >= query) & (key <= query + context) & valid
+    rows, columns = -(-length // BLOCK), -(-key_length // BLOCK)
+    padded = torch.zeros(rows * BLOCK, columns * BLOCK, dtype=torch.bool)
+    padded[:length, :key_length] = allowed
+    needed = padded.view(rows, BLOCK, columns, BLOCK).any(dim=3).any(dim=1)
+    assert torch.equal(dense, needed)
+    transposed = torch.zeros_like(dense)
+    q_counts, q_indices = block_mask.q_num_blocks[0, 0], block_mask.q_indices[0, 0]
+    full_q_counts, full_q_indices = block_mask.full_q_num_blocks[0, 0], block_mask.full_q_indices[0, 0]
+    for column in range(columns):
+        for row in q_indices[column, : q_counts[column]].tolist() + full_q_indices[column, : full_q_counts[column]].tolist():
+            transposed[row, column] = True
+    assert torch.equal(transposed, dense)
