@@ -1,0 +1,129 @@
+"""The report of a sweep: a markdown table (results.md) and a Pareto plot (pareto.png).
+
+Reads ``out_dir/results.jsonl`` (the last row per model wins: a resumed sweep may append newer ones).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = ["load_results", "pareto_frontier", "results_table", "write_report"]
+
+# One colour and marker per mixer, stable across reports.
+_STYLE = {
+    "attention": ("tab:red", "s", "Attention"),
+    "based": ("tab:blue", "o", "BASED"),
+    "based_window": ("tab:cyan", "D", "BASED + sliding window"),
+    "sliding_window": ("tab:orange", "v", "Sliding window"),
+    "mamba": ("tab:green", "^", "Mamba"),
+    "rwkv": ("tab:purple", "P", "RWKV-4"),
+    "base_conv": ("tab:brown", "X", "BaseConv (long conv)"),
+}
+
+
+def load_results(out_dir) -> list[dict]:
+    """The result rows of ``out_dir/results.jsonl``, one per model (the latest), in file order."""
+    path = Path(out_dir) / "results.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"no results.jsonl in {out_dir}: run `linmix mqar run --out {out_dir}` first")
+    rows: dict[str, dict] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill mid-write
+            rows.pop(row["model"], None)
+            rows[row["model"]] = row
+    if not rows:
+        raise ValueError(f"{path} holds no finished models yet")
+    return list(rows.values())
+
+
+def pareto_frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points (state bytes, accuracy) that no other point beats with less or equal state; sorted by state."""
+    frontier: list[tuple[float, float]] = []
+    for state, accuracy in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not frontier or accuracy > frontier[-1][1]:
+            frontier.append((state, accuracy))
+    return frontier
+
+
+def _kilobytes(n: int) -> str:
+    return f"{n / 1000:,.1f}"
+
+
+def results_table(rows: list[dict]) -> str:
+    """A markdown table: one row per model, sorted by mixer then state size."""
+    segments = list(rows[0]["accuracy"])
+    header = ["model", "state (KB)", "params", *segments, "mean", "best lr", "epochs", "train s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    order = list(_STYLE)
+    for row in sorted(rows, key=lambda r: (order.index(r["mixer"]) if r["mixer"] in order else len(order), r["state_bytes"], r["model"])):
+        cells = [
+            f"`{row['model']}`",
+            _kilobytes(row["state_bytes"]),
+            f"{row['parameters']:,}",
+            *(f"{row['accuracy'].get(s, float('nan')):.3f}" for s in segments),
+            f"**{row['mean_accuracy']:.3f}**",
+            f"{row['best_lr']:g}",
+            str(row["epochs"]),
+            f"{row['train_seconds']:.0f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    segments = list(rows[0]["accuracy"])
+    hardest = segments[-1]
+    panels = [("mean accuracy over test segments", lambda r: r["mean_accuracy"]),
+              (f"accuracy on {hardest}", lambda r: r["accuracy"][hardest])]
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=90)
+    for axis, (title, accuracy_of) in zip(axes, panels):
+        points = [(row["state_bytes"], accuracy_of(row)) for row in rows]
+        frontier = pareto_frontier(points)
+        axis.step([p[0] for p in frontier], [p[1] for p in frontier], where="post", color="0.6", lw=1, zorder=1, label="Pareto frontier")
+        for mixer, (colour, marker, label) in _STYLE.items():
+            mine = [row for row in rows if row["mixer"] == mixer]
+            if mine:
+                axis.scatter([r["state_bytes"] for r in mine], [accuracy_of(r) for r in mine], c=colour, marker=marker,
+                             s=42, label=label, zorder=2, edgecolors="black", linewidths=0.4)
+        axis.set_xscale("log")
+        axis.set_xlabel(f"recurrent state (bytes, at L = {rows[0]['state_bytes_at']})")
+        axis.set_ylabel("accuracy")
+        axis.set_ylim(-0.02, 1.02)
+        axis.set_title(title)
+        axis.grid(True, which="both", alpha=0.25)
+    axes[0].legend(fontsize=8, loc="best")
+    figure.suptitle(f"MQAR: recall vs state size (preset {rows[0]['preset']!r})")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def write_report(out_dir) -> dict:
+    """Write ``results.md`` (table) and ``pareto.png`` (accuracy vs state bytes, log x) into ``out_dir``.
+
+    Returns ``{"table": path, "plot": path}``.
+    """
+    out = Path(out_dir)
+    rows = load_results(out)
+    table_path, plot_path = out / "results.md", out / "pareto.png"
+    preset = rows[0]["preset"]
+    lines = [
+        f"# MQAR results (preset `{preset}`)\n",
+        "Accuracy per test segment (`L{length}_N{key-value pairs}`): per example the fraction of queries "
+        "answered right, averaged over examples; best learning rate per model. State: bytes of recurrent "
+        f"state at L = {rows[0]['state_bytes_at']} (fp32, both layers).\n",
+        results_table(rows),
+    ]
+    table_path.write_text("\n".join(lines))
+    _plot(rows, plot_path)
+    return {"table": str(table_path), "plot": str(plot_path)}

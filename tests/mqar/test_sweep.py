@@ -1,0 +1,219 @@
+"""The sweep: batch order, early stop, learning-rate sweep, resume without redoing finished runs, report, CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import linmix.mqar.sweep as sweep
+from linmix.cli import main
+from linmix.mqar import MQARModelConfig, MQARPreset, MQARSegment, get_preset, pareto_frontier, run_sweep, write_report
+from linmix.mqar.data import generate_segments
+from linmix.mqar.sweep import epoch_batches, evaluate, train_and_evaluate
+
+
+def tiny_preset(**overrides) -> MQARPreset:
+    fields = dict(
+        name="tiny",
+        vocab_size=32,
+        train_segments=[MQARSegment(16, 2, 24), MQARSegment(16, 4, 8)],
+        test_segments=[MQARSegment(16, 2, 8), MQARSegment(24, 4, 8)],
+        models=[MQARModelConfig("based", 8, feature_dim=2), MQARModelConfig("sliding_window", 8, window=2)],
+        epochs=2,
+        learning_rates=[3e-3, 1e-2],
+        train_batch_size=8,
+        test_batch_size=4,
+    )
+    fields.update(overrides)
+    return MQARPreset(**fields)
+
+
+def test_epoch_batches_cover_each_example_once_and_are_reproducible():
+    sizes = [10, 7]
+    batches = epoch_batches(sizes, batch_size=4, seed=3, epoch=1)
+    seen = {0: [], 1: []}
+    for segment, indices in batches:
+        assert len(indices) <= 4
+        seen[segment] += indices.tolist()
+    assert sorted(seen[0]) == list(range(10)) and sorted(seen[1]) == list(range(7))
+    assert len(batches) == 3 + 2
+    again = epoch_batches(sizes, batch_size=4, seed=3, epoch=1)
+    assert all(a[0] == b[0] and torch.equal(a[1], b[1]) for a, b in zip(batches, again))
+    other = epoch_batches(sizes, batch_size=4, seed=3, epoch=2)
+    assert any(a[0] != b[0] or not torch.equal(a[1], b[1]) for a, b in zip(batches, other))
+
+
+def test_evaluate_is_the_mean_of_per_example_accuracies():
+    """Per example the fraction of its queries answered right (here 1/2, 1 and 0), then the mean."""
+    labels = torch.tensor([[-100, 5, -100, 6], [7, -100, -100, -100], [-100, -100, 3, 4]])
+    inputs = torch.arange(12).view(3, 4)  # distinct ids, so the fake model can look each position up
+    predictions = torch.tensor([[0, 5, 0, 0], [7, 0, 0, 0], [0, 0, 0, 0]])
+
+    class FixedAnswers(torch.nn.Module):
+        def hidden_states(self, ids):
+            return ids
+
+        def logits(self, ids):
+            return torch.nn.functional.one_hot(predictions.view(-1)[ids], 8).float()
+
+    accuracies = evaluate(FixedAnswers(), [(inputs, labels)], batch_size=2)
+    assert accuracies == [pytest.approx((0.5 + 1.0 + 0.0) / 3)]
+
+
+def test_early_stop_after_the_first_epoch_that_reaches_the_target():
+    preset = tiny_preset(early_stop_accuracy=0.0, epochs=3)
+    train = generate_segments(preset.vocab_size, preset.train_segments, preset.train_seed)
+    test = generate_segments(preset.vocab_size, preset.test_segments, preset.test_seed)
+    record = train_and_evaluate(preset.models[0], preset, 3e-3, train, test)
+    assert record["epochs"] == 1
+    assert record["steps"] == 3 + 1  # 24 / 8 + 8 / 8 batches in one epoch
+    assert set(record["accuracy"]) == {"L16_N2", "L24_N4"}
+
+
+def test_sweep_resumes_without_redoing_finished_runs(tmp_path, monkeypatch):
+    preset = tiny_preset(epochs=1)
+    calls = []
+    original = sweep.train_and_evaluate
+
+    def counting(config, *args, **kwargs):
+        calls.append(config.name)
+        return original(config, *args, **kwargs)
+
+    monkeypatch.setattr(sweep, "train_and_evaluate", counting)
+    # a sweep stopped after its first model ...
+    first = run_sweep(preset, tmp_path, models=["based_d8_f2"], progress=False, workers=1)
+    assert calls == ["based_d8_f2", "based_d8_f2"]  # both learning rates
+    assert len(first) == 1
+    # ... resumes with the other model only
+    rows = run_sweep(preset, tmp_path, progress=False, workers=1)
+    assert calls[2:] == ["sliding_window_d8_w2", "sliding_window_d8_w2"]
+    assert [r["model"] for r in rows] == ["based_d8_f2", "sliding_window_d8_w2"]
+    assert rows[0] == first[0]
+    # a finished sweep trains nothing
+    again = run_sweep(preset, tmp_path, progress=False, workers=1)
+    assert len(calls) == 4 and again == rows
+
+    runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert len(runs) == 4
+    results = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["model"] for r in results] == ["based_d8_f2", "sliding_window_d8_w2"]
+    row = results[0]
+    by_lr = {run["lr"]: run["mean_accuracy"] for run in runs if run["model"] == "based_d8_f2"}
+    assert row["best_lr"] == max(by_lr, key=by_lr.get)
+    assert row["state_bytes"] == sweep.state_size_bytes(preset.models[0], 24)
+    for key in ("config", "accuracy", "train_seconds", "best_lr", "state_bytes"):
+        assert key in row
+
+    # a half-written last line (a kill mid-write) is ignored and that run redone
+    with (tmp_path / "runs.jsonl").open("a") as handle:
+        handle.write('{"model": "based_d8')
+    run_sweep(preset, tmp_path, progress=False, workers=1)
+    assert len(calls) == 4
+
+
+def test_sweep_refuses_a_directory_with_other_settings_and_restarts_on_request(tmp_path):
+    preset = tiny_preset(epochs=1, models=[MQARModelConfig("based", 8, feature_dim=2)], learning_rates=[3e-3])
+    run_sweep(preset, tmp_path, progress=False, workers=1)
+    changed = dataclasses.replace(preset, vocab_size=40)
+    with pytest.raises(ValueError, match="different data or training settings"):
+        run_sweep(changed, tmp_path, progress=False, workers=1)
+    rows = run_sweep(changed, tmp_path, resume=False, progress=False, workers=1)
+    assert len(rows) == 1
+    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 1
+
+
+def test_learning_rate_sweep_stops_once_solved(tmp_path, monkeypatch):
+    preset = tiny_preset(epochs=1, models=[MQARModelConfig("based", 8, feature_dim=2)], early_stop_accuracy=0.0,
+                         stop_lr_sweep_when_solved=True)
+    rows = run_sweep(preset, tmp_path, progress=False, workers=1)
+    assert list(rows[0]["accuracy_by_lr"]) == ["0.003"]
+
+
+def test_unknown_model_and_bad_preset_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown models"):
+        run_sweep(tiny_preset(), tmp_path, models=["mamba"], progress=False)
+    with pytest.raises(ValueError, match="unknown MQAR preset"):
+        get_preset("huge")
+    with pytest.raises(ValueError, match="must differ"):
+        tiny_preset(test_seed=0)
+
+
+def test_presets_follow_the_protocol():
+    paper = get_preset("paper")
+    assert paper.vocab_size == 8192 and paper.epochs == 32
+    assert [(s.seq_len, s.num_kv_pairs, s.num_examples) for s in paper.train_segments] == [
+        (64, 4, 100_000), (128, 8, 20_000), (256, 16, 20_000), (256, 32, 20_000), (256, 64, 20_000)]
+    assert sum(s.num_examples for s in paper.train_segments) == 180_000
+    assert [(s.seq_len, s.num_kv_pairs) for s in paper.test_segments][-1] == (1024, 256)
+    assert paper.learning_rates == [1e-3, 3.16e-3, 1e-2, 3.16e-2] and paper.weight_decay == 0.1
+    for name in ("paper", "cpu", "quick"):
+        preset = get_preset(name)
+        assert MQARPreset.from_dict(json.loads(json.dumps(preset.to_dict()))) == preset
+        for segment in preset.train_segments + preset.test_segments:
+            assert 4 * segment.num_kv_pairs <= segment.seq_len < preset.vocab_size
+        assert preset.train_seed != preset.test_seed
+
+
+def test_report_table_plot_and_pareto_frontier(tmp_path):
+    assert pareto_frontier([(10, 0.5), (5, 0.2), (20, 0.4), (40, 0.9), (5, 0.3)]) == [(5, 0.3), (10, 0.5), (40, 0.9)]
+    preset = tiny_preset(epochs=1, learning_rates=[3e-3])
+    run_sweep(preset, tmp_path, progress=False, workers=1)
+    paths = write_report(tmp_path)
+    table = (tmp_path / "results.md").read_text()
+    assert paths["table"].endswith("results.md") and paths["plot"].endswith("pareto.png")
+    assert "| `based_d8_f2` |" in table and "L24_N4" in table
+    assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_report_and_errors(tmp_path, capsys):
+    preset = tiny_preset(epochs=1, learning_rates=[3e-3], models=[MQARModelConfig("based", 8, feature_dim=2)])
+    run_sweep(preset, tmp_path, progress=False, workers=1)
+    assert main(["mqar", "report", str(tmp_path)]) == 0
+    assert "based_d8_f2" in capsys.readouterr().out
+    assert main(["mqar", "report", str(tmp_path / "missing")]) == 1
+    assert "error:" in capsys.readouterr().err
+    assert main(["mqar", "run", "--preset", "huge", "--out", str(tmp_path / "x")]) == 1
+    assert "unknown MQAR preset" in capsys.readouterr().err
+
+
+def test_cli_run_passes_its_options(tmp_path, monkeypatch, capsys):
+    import linmix.mqar
+
+    seen = {}
+
+    def fake_run_preset(preset, out, **kwargs):
+        seen.update(preset=preset, out=out, **kwargs)
+        return []
+
+    monkeypatch.setattr(linmix.mqar, "run_preset", fake_run_preset)
+    monkeypatch.setattr(linmix.mqar, "write_report", lambda out: {"table": "t", "plot": "p"})
+    code = main(["mqar", "run", "--preset", "cpu", "--out", str(tmp_path), "--models", "based,mamba", "--models", "attention_d64",
+                 "--restart", "--workers", "2", "--no-progress"])
+    assert code == 0
+    assert seen["preset"] == "cpu" and seen["models"] == ["based", "mamba", "attention_d64"]
+    assert seen["resume"] is False and seen["workers"] == 2 and seen["progress"] is False
+
+
+@pytest.mark.slow
+def test_parallel_workers_give_the_same_results(tmp_path):
+    preset = tiny_preset(epochs=1, learning_rates=[3e-3])
+    serial = run_sweep(preset, tmp_path / "serial", progress=False, workers=1)
+    parallel = run_sweep(preset, tmp_path / "parallel", progress=False, workers=2)
+    strip = lambda rows: [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]  # noqa: E731
+    assert strip(serial) == strip(parallel)
+
+
+@pytest.mark.slow
+def test_quick_preset_shows_the_ordering(tmp_path):
+    rows = {r["mixer"]: r for r in linmix_quick(tmp_path)}
+    assert rows["attention"]["mean_accuracy"] >= 0.95
+    assert rows["based"]["mean_accuracy"] > rows["sliding_window"]["mean_accuracy"]
+
+
+def linmix_quick(out):
+    from linmix.mqar import run_preset
+
+    return run_preset("quick", out, progress=False)
