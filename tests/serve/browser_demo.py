@@ -71,7 +71,7 @@ def drive(url: str, image_path: Path, screenshot: Path, *, click: tuple[float, f
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS, headless=True)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 760})
+            page = browser.new_page(viewport={"width": 1100, "height": 720})
             errors: list[str] = []
             page.on("pageerror", lambda error: errors.append(str(error)))
             page.goto(url)
@@ -123,8 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(load_sam_model(args.checkpoint))
     with running_server(app) as url:
         result = drive(url, example_path("shapes"), args.out, click=(265, 95))
+    from PIL import Image
+
+    with Image.open(args.out) as shot:  # 256 colours: a small PNG for the README
+        shot.convert("RGB").quantize(colors=256, method=Image.Quantize.FASTOCTREE).save(args.out, optimize=True)
     print(result, file=sys.stderr)
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out} ({args.out.stat().st_size // 1024} KiB)")
     return 0
 
 

@@ -44,6 +44,6 @@ def test_click_to_segment_in_chromium(tmp_path):
     assert result["mask_pixels_drawn"] > 0, "the mask overlay was not drawn on the canvas"
     assert result["candidates"] == 1  # a box prompt gives one mask
     with Image.open(screenshot) as shot:
-        assert shot.size == (1280, 760)
+        assert shot.size == (1100, 720)
         pixels = np.asarray(shot.convert("RGB"))
     assert pixels.std() > 10  # not a blank page
