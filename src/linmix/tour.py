@@ -150,7 +150,7 @@ def _stage_segment(config: TourConfig, result: StageResult, echo: Callable[[str]
             paths = write_segmentation(prediction, image, out, stem=stem)
             result.paths[f"{stem}.overlay"] = paths["overlay"]
             records.append(prediction.summary())
-            tiles.append((paths["overlay"], f"{example.name} · {prompt.name} -> {prompt.target}: IoU {iou:.2f}"))
+            tiles.append((paths["overlay"], f"{example.name}, {prompt.name} -> {prompt.target}: IoU {iou:.2f} vs truth"))
             result.lines.append(f"{example.name:14s} {prompt.name:17s} -> {prompt.target:8s} IoU vs truth {iou:.3f} "
                                 f"(predicted {float(prediction.scores[prediction.best]):.3f})")
         result.lines.append(f"{'':14s} encoded in {encode_s:.2f} s")
@@ -165,8 +165,12 @@ def _stage_segment(config: TourConfig, result: StageResult, echo: Callable[[str]
 def _contact_sheet(tiles: list[tuple[Path, str]], columns: int = 2, tile_width: int = 384) -> Any:
     """The overlays side by side with a caption under each: an HxWx3 uint8 array."""
     import numpy as np
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
+    try:
+        font = ImageFont.load_default(size=13)  # Pillow >= 10.1 with FreeType: a readable size
+    except TypeError:
+        font = ImageFont.load_default()
     images = []
     for path, caption in tiles:
         with Image.open(path) as picture:
@@ -175,7 +179,7 @@ def _contact_sheet(tiles: list[tuple[Path, str]], columns: int = 2, tile_width: 
             picture = picture.resize((tile_width, max(1, round(picture.height * scale))), Image.Resampling.LANCZOS)
         captioned = Image.new("RGB", (tile_width, picture.height + 22), "white")
         captioned.paste(picture, (0, 0))
-        ImageDraw.Draw(captioned).text((6, picture.height + 5), caption, fill=(20, 20, 20))
+        ImageDraw.Draw(captioned).text((6, picture.height + 4), caption, fill=(20, 20, 20), font=font)
         images.append(captioned)
     rows = [images[i : i + columns] for i in range(0, len(images), columns)]
     heights = [max(im.height for im in row) for row in rows]
