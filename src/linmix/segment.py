@@ -44,18 +44,21 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 def read_image(path: str | PathLike[str]) -> np.ndarray:
-    """An image file -> HxWx3 uint8 RGB (greyscale, palette and alpha images are converted).
+    """An image file -> HxWx3 uint8 RGB, upright (EXIF orientation applied; greyscale, palette and
+    alpha images converted).
 
     Raises FileNotFoundError for a missing file and ValueError for a file Pillow cannot read.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
     try:
         with Image.open(path) as image:
-            return np.array(image.convert("RGB"))  # a writable copy (torch warns on read-only arrays)
+            # Upright as viewers show it (EXIF orientation of camera JPEGs), so prompt pixels match.
+            upright = ImageOps.exif_transpose(image)
+            return np.array(upright.convert("RGB"))  # a writable copy (torch warns on read-only arrays)
     except (UnidentifiedImageError, OSError) as error:
         raise ValueError(f"{path} is not an image file Pillow can read (PNG, JPEG, WebP, ...): {error}") from error
 

@@ -153,3 +153,16 @@ def test_bundled_example_is_its_drawing(example):
 def test_unknown_example():
     with pytest.raises(ValueError, match="unknown example"):
         render_example("nope")
+
+
+def exif_rotated_jpeg(path, width=40, height=20):
+    """A JPEG stored width x height whose EXIF says 'rotate 90 degrees clockwise to view' (orientation 6)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (width, height), (200, 30, 30)).save(path, format="JPEG", exif=exif.tobytes())
+    return path
+
+
+def test_read_image_applies_exif_orientation(tmp_path):
+    upright = read_image(exif_rotated_jpeg(tmp_path / "camera.jpg"))
+    assert upright.shape == (40, 20, 3)  # shown (and prompted) upright: 20 wide, 40 high

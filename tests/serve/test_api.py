@@ -217,3 +217,12 @@ def test_limits_are_validated(model):
         ServeLimits(content_types=("image/gif",))
     with pytest.raises(ValueError, match="RwkvSam"):
         create_app(object())
+
+
+def test_upload_is_read_upright(client):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees to view", as phone cameras write
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 20), (10, 200, 10)).save(buffer, format="JPEG", exif=exif.tobytes())
+    info = client.post("/api/images", files={"file": ("phone.jpg", buffer.getvalue(), "image/jpeg")}).json()
+    assert (info["width"], info["height"]) == (20, 40)

@@ -336,7 +336,7 @@ def _cached(cache: ImageCache, image_id: str) -> CachedImage:
 
 def _read_upload(file: UploadFile, limits: ServeLimits) -> np.ndarray:
     """Check the upload against ``limits`` and decode it to HxWx3 uint8 RGB, or raise a 4xx HTTPException."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     content_type = (file.content_type or "").split(";")[0].strip().lower()
     if content_type not in limits.content_types:
@@ -361,7 +361,8 @@ def _read_upload(file: UploadFile, limits: ServeLimits) -> np.ndarray:
                 raise HTTPException(
                     status_code=415, detail=f"the file is {image.format or 'unknown'} but was sent as {content_type!r}"
                 )
-            return np.array(image.convert("RGB"))
+            # Upright as the browser shows it (EXIF orientation), so clicked pixels match.
+            return np.array(ImageOps.exif_transpose(image).convert("RGB"))
     except HTTPException:
         raise
     except Image.DecompressionBombError as error:
