@@ -137,7 +137,6 @@ def _stage_segment(config: TourConfig, result: StageResult, echo: Callable[[str]
                 points=list(prompt.points) or None,
                 labels=list(prompt.labels) or None,
                 box=prompt.box,
-                multimask=False if prompt.box is not None or len(prompt.points) > 1 else None,
             )
             decode_s = time.perf_counter() - start
             target = truth[prompt.target]
