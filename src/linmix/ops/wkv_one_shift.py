@@ -24,6 +24,8 @@ for export.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -38,6 +40,14 @@ def one_shift_applicable(w: torch.Tensor, u: torch.Tensor, length: int) -> bool:
     u_max = float(u.detach().abs().max()) if u.numel() else 0.0
     # The slack absorbs fp32 rounding of w = raw / T (e.g. 4095 * (20 / 4095) > 20 in fp32).
     return (length - 1) * w_max <= MAX_SEQUENCE_DECAY * (1 + 1e-5) and u_max <= MAX_BONUS
+
+
+@functools.lru_cache(maxsize=32)
+def _sum_matrices(size: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Strictly lower / upper triangular ones with a last row of ones, ``[L+1, L]`` each (cached)."""
+    ones = torch.ones(size, size, device=device, dtype=dtype)
+    row_of_ones = torch.ones(1, size, device=device, dtype=dtype)
+    return torch.cat([ones.tril(-1), row_of_ones]), torch.cat([ones.triu(1), row_of_ones])
 
 
 def _exclusive_sums(x: torch.Tensor, matrix: torch.Tensor, *, reverse: bool) -> torch.Tensor:
@@ -84,10 +94,7 @@ def bi_wkv_one_shift(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch
     position = torch.arange(padded, device=device, dtype=dtype)[:, None]
     rise = torch.exp(position * w)  # exp(i w): [T, C]
     fall = torch.exp(-position * w)  # exp(-i w)
-    ones = torch.ones(size, size, device=device, dtype=dtype)
-    row_of_ones = torch.ones(1, size, device=device, dtype=dtype)
-    lower = torch.cat([ones.tril(-1), row_of_ones])  # [L+1, L]
-    upper = torch.cat([ones.triu(1), row_of_ones])
+    lower, upper = _sum_matrices(size, dtype, device)
 
     def blocked(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(2, batch, blocks, size, channels)

@@ -218,13 +218,34 @@ def q_shift(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         raise ValueError(f"x must have shape [B, T, C] with T = height * width = {height} * {width} = {height * width}, got {tuple(x.shape)}")
     g = channels // 4
     grid = x.reshape(batch, height, width, channels)
-    # F.pad's widths run from the last dim backwards: (C left, C right, W left, W right, H top, H bottom).
-    left = F.pad(grid[:, :, : width - 1, 0:g], (0, 0, 1, 0))
-    right = F.pad(grid[:, :, 1:, g : 2 * g], (0, 0, 0, 1))
-    above = F.pad(grid[:, : height - 1, :, 2 * g : 3 * g], (0, 0, 0, 0, 1, 0))
-    below = F.pad(grid[:, 1:, :, 3 * g : 4 * g], (0, 0, 0, 0, 0, 1))
-    shifted = torch.cat([left, right, above, below, grid[..., 4 * g :]], dim=-1)
+    if _tracing_for_export():
+        # F.pad's widths run from the last dim backwards: (C left, C right, W left, W right, H top, H bottom).
+        left = F.pad(grid[:, :, : width - 1, 0:g], (0, 0, 1, 0))
+        right = F.pad(grid[:, :, 1:, g : 2 * g], (0, 0, 0, 1))
+        above = F.pad(grid[:, : height - 1, :, 2 * g : 3 * g], (0, 0, 0, 0, 1, 0))
+        below = F.pad(grid[:, 1:, :, 3 * g : 4 * g], (0, 0, 0, 0, 0, 1))
+        shifted = torch.cat([left, right, above, below, grid[..., 4 * g :]], dim=-1)
+        return shifted.reshape(batch, length, channels)
+    # Eager: write each quarter once into one buffer and zero only the border rows / columns
+    # (half the memory traffic of pad + cat, which matters on CPU).
+    shifted = torch.empty_like(grid)
+    shifted[:, :, 1:, 0:g] = grid[:, :, :-1, 0:g]
+    shifted[:, :, :1, 0:g] = 0
+    shifted[:, :, :-1, g : 2 * g] = grid[:, :, 1:, g : 2 * g]
+    shifted[:, :, -1:, g : 2 * g] = 0
+    shifted[:, 1:, :, 2 * g : 3 * g] = grid[:, :-1, :, 2 * g : 3 * g]
+    shifted[:, :1, :, 2 * g : 3 * g] = 0
+    shifted[:, :-1, :, 3 * g : 4 * g] = grid[:, 1:, :, 3 * g : 4 * g]
+    shifted[:, -1:, :, 3 * g : 4 * g] = 0
+    shifted[..., 4 * g :] = grid[..., 4 * g :]
     return shifted.reshape(batch, length, channels)
+
+
+def _tracing_for_export() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and (compiler.is_compiling() or getattr(compiler, "is_exporting", lambda: False)()):
+        return True
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
 class VRWKVSpatialMix(nn.Module):
