@@ -221,3 +221,18 @@ def test_bad_constructor_arguments():
         MultiHeadAttention(48, num_heads=3, rotary_fraction=1.5)
     with pytest.raises(ValueError, match=r"state k, v must have shape \[B, H, capacity, D\]"):
         global_attention().step(torch.randn(2, 48), KVCache.empty(3, 3, 16))
+
+
+def test_kv_cache_tracks_padding_so_unpadded_decoding_needs_no_mask():
+    layer = MultiHeadAttention(d_model=16, num_heads=2)
+    x = torch.randn(2, 6, 16)
+    _, state = layer(x, return_state=True)
+    assert not state.padded  # decode steps run SDPA without a mask (flash kernel on GPU)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, :2] = False
+    _, padded_state = layer(x, attention_mask=mask, return_state=True)
+    assert padded_state.padded
+    step_input = torch.randn(2, 16)
+    y_padded, _ = layer.step(step_input, padded_state)
+    y_trimmed, _ = layer.step(step_input[1:], layer(x[1:], return_state=True)[1])
+    torch.testing.assert_close(y_padded[1:], y_trimmed)  # the unpadded row is unaffected by the mask

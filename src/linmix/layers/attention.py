@@ -146,6 +146,8 @@ class KVCache(MixerState):
       only the first ``length`` positions are in use.
     - ``valid: [B, capacity]`` bool: False for padding tokens (and unused capacity).
     - ``length``: tokens written so far (padding included; also the next rotary position).
+    - ``padded``: whether any written position is padding (if not, decoding needs no mask, which
+      lets SDPA pick its flash kernel).
 
     Writes are in place; when full, capacity doubles (one copy), so generating N tokens costs
     O(N) copies in total rather than O(N^2).
@@ -155,6 +157,7 @@ class KVCache(MixerState):
     v: torch.Tensor
     valid: torch.Tensor
     length: int = 0
+    padded: bool = False
 
     @classmethod
     def empty(cls, batch: int, heads: int, head_dim: int, capacity: int = 64, device=None, dtype=torch.float32) -> "KVCache":
@@ -192,6 +195,8 @@ class KVCache(MixerState):
         self.k[:, :, self.length : end] = k.to(self.k.dtype)
         self.v[:, :, self.length : end] = v.to(self.v.dtype)
         self.valid[:, self.length : end] = True if valid is None else valid
+        if valid is not None and not self.padded:
+            self.padded = not bool(valid.all())
         self.length = end
 
 
@@ -284,7 +289,8 @@ class MultiHeadAttention(_RotaryQKVAttention):
         state.append(k, v, None)
         compute = q.dtype if q.is_cuda else accumulation_dtype(q.dtype)
         used = state.length
-        allowed = state.valid[:, None, None, :used]  # the current token is always valid
+        # The current token is always valid; without padding in the cache no mask is needed at all.
+        allowed = state.valid[:, None, None, :used] if state.padded else None
         out = F.scaled_dot_product_attention(
             q.to(compute), state.k[:, :, :used].to(compute), state.v[:, :, :used].to(compute), attn_mask=allowed
         )
