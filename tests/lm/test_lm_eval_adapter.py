@@ -147,3 +147,19 @@ def test_lm_eval_cli_runs_a_recall_task_with_model_linmix(model_dir, tmp_path):
     assert sorted(generations) == sorted(ours["generations"])
     assert reported == pytest.approx(ours["contains"])
     assert not math.isnan(reported)
+
+
+def test_recall_task_yaml_has_the_papers_protocol_and_a_contains_metric(tmp_path):
+    from lm_eval.tasks._yaml_loader import load_yaml  # the loader lm-eval 0.4.13 reads task files with
+
+    data = tmp_path / "odd: name.jsonl"  # a path YAML would misread unquoted
+    data.write_text(json.dumps({"text": "Q", "value": "A"}) + "\n")
+    config = load_yaml(write_recall_task(data, "my_recall", tmp_path / "tasks"))
+    assert config["dataset_kwargs"]["data_files"]["validation"] == str(data.resolve())
+    assert config["output_type"] == "generate_until"
+    assert config["generation_kwargs"] == {"until": ["\n"], "max_gen_toks": 48, "do_sample": False}
+    contains = config["metric_list"][0]["metric"]
+    assert contains(references=["Paris"], predictions=[" in PARIS today"]) == 1.0
+    assert contains(references=["Paris"], predictions=["Lyon"]) == 0.0
+    with pytest.raises(ValueError, match="letters, digits and underscores"):
+        write_recall_task(data, "bad name", tmp_path / "tasks")

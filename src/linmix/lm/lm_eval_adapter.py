@@ -19,6 +19,7 @@ writes a task YAML for ``lm_eval --include_path DIR --tasks NAME``.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -235,7 +236,7 @@ def write_recall_task(data_file: str | Path, name: str, out_dir: str | Path) -> 
     yaml_path.write_text(
         f"task: {name}\n"
         f"dataset_path: {builder}\n"
-        f"dataset_kwargs:\n  data_files:\n    validation: {data_file}\n"
+        f"dataset_kwargs:\n  data_files:\n    validation: {json.dumps(str(data_file))}\n"  # JSON strings are YAML
         "validation_split: validation\n"
         "output_type: generate_until\n"
         'doc_to_text: "{{text}}"\n'
