@@ -21,6 +21,20 @@ from linmix.data.examples import example_path  # noqa: E402
 from tiny_sam import tiny_sam  # noqa: E402
 
 
+def _make_the_mask_visible(model, box, point):
+    """Random weights may select nothing (or everything) for the test's prompt; then move the model's
+    mask threshold to the median logit, so part of the image is selected and the page has a mask to draw."""
+    from linmix.data.examples import load_example_image
+    from linmix.sam import RwkvSamPredictor
+
+    predictor = RwkvSamPredictor(model)
+    predictor.set_image(load_example_image("shapes"))
+    logits, _, _ = predictor.predict(point_coords=np.array([point]), point_labels=np.array([1]), box=np.array(box),
+                                     multimask_output=False, return_logits=True)
+    if not 0.01 < (logits > model.mask_threshold).mean() < 0.99:
+        model.mask_threshold = float(np.median(logits))
+
+
 def test_click_to_segment_in_chromium(tmp_path):
     if chromium_path() is None:
         message = "Debian's chromium is not installed (apt-get install -y chromium)"
@@ -32,7 +46,9 @@ def test_click_to_segment_in_chromium(tmp_path):
 
     from linmix.serve import create_app
 
-    app = create_app(tiny_sam(seed=0))
+    model = tiny_sam(seed=0)
+    _make_the_mask_visible(model, box=(38, 68, 182, 172), point=(110, 120))
+    app = create_app(model)
     screenshot = tmp_path / "serve-demo.png"
     with running_server(app) as url:
         # A box on the ellipse, then a foreground click inside it (image pixels of the bundled example).
