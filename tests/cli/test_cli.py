@@ -230,3 +230,9 @@ def test_serve_builds_the_app_with_the_limits_asked(capsys, monkeypatch, checkpo
 def test_serve_without_weights_is_one_line(capsys, tmp_path):
     code, _, err = run(capsys, "serve", "--checkpoint", str(tmp_path / "none.safetensors"))
     assert code == 1 and err.startswith("error: RWKV-SAM checkpoint not found") and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv", [[], ["sam"], ["lm"], ["mqar"]])
+def test_a_group_alone_shows_its_help(capsys, argv):
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and "Usage: linmix" in out and "Commands" in out and err == ""
