@@ -64,8 +64,10 @@ def running_server(app, port: int | None = None) -> Iterator[str]:
 
 
 def drive(url: str, image_path: Path, screenshot: Path, *, click: tuple[float, float], box: tuple[float, float, float, float] | None = None,
-          timeout_ms: float = 60_000) -> dict:
-    """Upload ``image_path``, click at ``click`` (image pixels), optionally drag ``box``; returns what the page shows."""
+          then=None, timeout_ms: float = 60_000) -> dict:
+    """Upload ``image_path``, click at ``click`` (image pixels), optionally drag ``box``, take the
+    screenshot; then ``then(page, to_page)`` may go on (``to_page(x, y)``: image pixels -> overlay
+    position). Returns what the page showed after the click, and ``then``'s result under "then"."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
@@ -106,6 +108,8 @@ def drive(url: str, image_path: Path, screenshot: Path, *, click: tuple[float, f
             }
             screenshot.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(screenshot), full_page=False)
+            if then is not None:
+                result["then"] = then(page, lambda x, y: {"x": x * display_scale, "y": y * display_scale})
             return result
         finally:
             browser.close()

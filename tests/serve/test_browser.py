@@ -35,6 +35,29 @@ def _make_the_mask_visible(model, box, point):
         model.mask_threshold = float(np.median(logits))
 
 
+def _more_prompts(page, to_page):
+    from browser_demo import COUNT_MASK_PIXELS_JS
+
+    def prompts():
+        return {"points": page.evaluate("() => state.points.length"), "labels": page.evaluate("() => state.labels"),
+                "state": page.evaluate("() => document.body.dataset.state")}
+
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    seen = {}
+    page.locator("#overlay").click(position=to_page(300, 230), button="right")
+    page.wait_for_function("() => document.body.dataset.state === 'mask' && state.points.length === 2", timeout=60_000)
+    seen["right_click"] = prompts()
+    page.click("#undo")
+    page.wait_for_function("() => document.body.dataset.state === 'mask' && state.points.length === 1", timeout=60_000)
+    seen["undo"] = prompts()
+    page.click("#clear")
+    seen["clear"] = {"points": page.evaluate("() => state.points.length"), "box": page.evaluate("() => state.box"),
+                     "mask_pixels_drawn": page.evaluate(COUNT_MASK_PIXELS_JS)}
+    seen["errors"] = errors
+    return seen
+
+
 def test_click_to_segment_in_chromium(tmp_path):
     if chromium_path() is None:
         message = "Debian's chromium is not installed (apt-get install -y chromium)"
@@ -51,14 +74,20 @@ def test_click_to_segment_in_chromium(tmp_path):
     app = create_app(model)
     screenshot = tmp_path / "serve-demo.png"
     with running_server(app) as url:
-        # A box on the ellipse, then a foreground click inside it (image pixels of the bundled example).
-        result = drive(url, example_path("shapes"), screenshot, click=(110, 120), box=(38, 68, 182, 172))
+        # A box on the ellipse, then a foreground click inside it (image pixels of the bundled example),
+        # then a right click (background point), Undo, and Clear.
+        result = drive(url, example_path("shapes"), screenshot, click=(110, 120), box=(38, 68, 182, 172), then=_more_prompts)
     assert result["errors"] == []
     assert result["box"] == pytest.approx([38, 68, 182, 172], abs=2)
     assert result["points"] == [pytest.approx([110, 120], abs=2)] and result["labels"] == [1]
     assert result["mask_area"] > 0 and "Mask:" in result["status"]
     assert result["mask_pixels_drawn"] > 0, "the mask overlay was not drawn on the canvas"
     assert result["candidates"] == 1  # a box prompt gives one mask
+    after = result["then"]
+    assert after["right_click"] == {"points": 2, "labels": [1, 0], "state": "mask"}
+    assert after["undo"] == {"points": 1, "labels": [1], "state": "mask"}
+    assert after["clear"]["points"] == 0 and after["clear"]["box"] is None and after["clear"]["mask_pixels_drawn"] == 0
+    assert after["errors"] == []
     with Image.open(screenshot) as shot:
         assert shot.size == (1100, 720)
         pixels = np.asarray(shot.convert("RGB"))
