@@ -46,6 +46,9 @@ class TourConfig:
     mqar_preset: the MQAR preset name (``quick``).
     sam_checkpoint / sam_variant: an RWKV-SAM safetensors file instead of the shipped model.
     decode: the decode sweep (:func:`tour_decode_config`).
+    threads: torch CPU threads while the tour runs (restored after). One by default: the models are
+        small, and on a busy machine two OpenMP threads made image encoding 4x and decode steps about
+        10x slower (docs/tour.md); the MQAR sweep uses one thread per worker process by itself.
     progress: progress bars on long work.
     """
 
@@ -55,10 +58,13 @@ class TourConfig:
     sam_checkpoint: Path | None = None
     sam_variant: str | None = None
     decode: DecodeBenchConfig = field(default_factory=tour_decode_config)
+    threads: int | None = 1
     progress: bool = True
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
+        if self.threads is not None and (isinstance(self.threads, bool) or int(self.threads) < 1):
+            raise ValueError(f"threads must be a positive integer or None, got {self.threads!r}")
         self.stages = tuple(self.stages)
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown or not self.stages:
@@ -217,28 +223,39 @@ _STAGE_FUNCTIONS = {
 def run_tour(config: TourConfig | None = None, *, echo: Callable[[str], None] = print) -> list[StageResult]:
     """Run the stages of ``config`` in order; a failing stage is recorded and the next one runs.
     Writes ``out_dir/summary.json``; returns one :class:`StageResult` per stage."""
+    import torch
+
     config = config or TourConfig()
     config.out_dir.mkdir(parents=True, exist_ok=True)
-    results = []
-    for name in config.stages:
-        title, function = _STAGE_FUNCTIONS[name]
-        result = StageResult(name, title)
-        echo(f"\n== {name}: {title}")
-        start = time.perf_counter()
-        try:
-            function(config, result, echo)
-        except KeyboardInterrupt:
-            raise
-        except Exception as error:  # noqa: BLE001 - one stage failing must not hide the others
-            result.status = "failed"
-            result.error = f"{type(error).__name__}: {error}".splitlines()[0]
-            (config.out_dir / f"{name}.error.txt").write_text(traceback.format_exc())
-            echo(f"{name} failed: {result.error} (traceback in {config.out_dir / f'{name}.error.txt'})")
-        result.seconds = time.perf_counter() - start
-        results.append(result)
+    previous_threads = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(int(config.threads))
+    try:
+        results = [_run_stage(name, config, echo) for name in config.stages]
+    finally:
+        torch.set_num_threads(previous_threads)
     summary = config.out_dir / "summary.json"
     summary.write_text(json.dumps({"out_dir": str(config.out_dir), "stages": [r.to_dict() for r in results]}, indent=2) + "\n")
     return results
+
+
+def _run_stage(name: str, config: TourConfig, echo: Callable[[str], None]) -> StageResult:
+    """One stage; an exception is recorded in the result (traceback in out_dir/NAME.error.txt)."""
+    title, function = _STAGE_FUNCTIONS[name]
+    result = StageResult(name, title)
+    echo(f"\n== {name}: {title}")
+    start = time.perf_counter()
+    try:
+        function(config, result, echo)
+    except KeyboardInterrupt:
+        raise
+    except Exception as error:  # noqa: BLE001 - one stage failing must not hide the others
+        result.status = "failed"
+        result.error = f"{type(error).__name__}: {error}".splitlines()[0]
+        (config.out_dir / f"{name}.error.txt").write_text(traceback.format_exc())
+        echo(f"{name} failed: {result.error} (traceback in {config.out_dir / f'{name}.error.txt'})")
+    result.seconds = time.perf_counter() - start
+    return result
 
 
 def format_summary(results: list[StageResult], out_dir: str | PathLike[str]) -> str:

@@ -175,3 +175,20 @@ def test_tour_command_exit_status_when_a_stage_fails(capsys, tmp_path):
     code = main(["tour", "--only", "segment", "--out", str(tmp_path), "--checkpoint", str(tmp_path / "missing.safetensors")])
     out = capsys.readouterr().out
     assert code == 1 and "[FAILED] segment" in out and "checkpoint not found" in out
+
+
+def test_tour_sets_and_restores_threads(tmp_path, monkeypatch):
+    import torch
+
+    seen = []
+    monkeypatch.setattr(linmix.mqar, "run_preset", lambda *a, **k: seen.append(torch.get_num_threads()) or [], raising=False)
+    monkeypatch.setattr(linmix.mqar, "write_report", lambda out: {}, raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_tour(TourConfig(out_dir=tmp_path, stages=("mqar",), threads=1, progress=False), echo=lambda line: None)
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="threads"):
+        TourConfig(threads=0)

@@ -43,6 +43,7 @@ def tour_command(
     only: Optional[str] = typer.Option(None, "--only", help="Run only these stages, comma-separated (mqar, segment, decode)."),
     skip: Optional[str] = typer.Option(None, "--skip", help="Skip these stages, comma-separated."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="RWKV-SAM safetensors file instead of the shipped model."),
+    threads: int = typer.Option(1, "--threads", min=1, help="torch CPU threads (1: the small models gain little from more, and lose much on a busy machine)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on long work."),
 ) -> None:
     """A ten-minute tour on a CPU: MQAR recall study, RWKV-SAM on example images, decode throughput."""
@@ -56,7 +57,7 @@ def tour_command(
     stages = [s for s in STAGES if s in stages and s not in skipped]
     if not stages:
         raise CliError("no stage left to run (check --only and --skip)")
-    config = TourConfig(out_dir=out, stages=tuple(stages), sam_checkpoint=checkpoint, progress=progress)
+    config = TourConfig(out_dir=out, stages=tuple(stages), sam_checkpoint=checkpoint, threads=threads, progress=progress)
     results = run_tour(config, echo=typer.echo)
     typer.echo(format_summary(results, out))
     if any(r.status != "ok" for r in results):
