@@ -82,6 +82,7 @@ def serve_command(
     max_upload_mb: float = typer.Option(10.0, "--max-upload-mb", min=0.01, help="Largest upload, in MiB."),
     max_side: int = typer.Option(4096, "--max-side", min=16, help="Largest image side, in pixels."),
     max_concurrency: int = typer.Option(2, "--max-concurrency", min=1, help="Model calls at once (others wait, then 503)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads per model call (default: torch's)."),
 ) -> None:
     """Serve the click-to-segment web page and its JSON API."""
     try:
@@ -97,6 +98,10 @@ def serve_command(
         cache_size=cache_size, max_concurrent_model_calls=max_concurrency,
     )
     model = load_sam_model(checkpoint, variant)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     typer.echo(f"RWKV-SAM {getattr(model, 'variant', '')} ({model.image_size}px input) on http://{host}:{port}  (API docs: /docs)")
     uvicorn.run(create_app(model, limits=limits), host=host, port=port, log_level="info")
 
