@@ -131,7 +131,7 @@ def dump_teacher_command(
 
 @sam_app.command("eval")
 def eval_command(
-    dataset: Optional[list[str]] = typer.Option(None, "--dataset", help=DATASET_HELP + " Repeatable; default procedural:1:200 (the held-out split)."),
+    dataset: Optional[list[str]] = typer.Option(None, "--dataset", help=DATASET_HELP + " Repeatable; default procedural:1:100 (the held-out split of docs/sam.md)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A linmix RWKV-SAM safetensors; default: the shipped model."),
     variant: Optional[str] = typer.Option(None, "--variant", help="Variant of --checkpoint when its metadata does not say."),
     prompts: str = typer.Option("box,point", "--prompts", help="Comma-separated prompt kinds: box, point."),
@@ -161,7 +161,7 @@ def eval_command(
         if chosen is None:
             raise CliError(f"{checkpoint} does not record its variant: pass --variant")
         model = build_rwkv_sam(chosen, checkpoint=checkpoint)
-    datasets = [load_dataset(spec) for spec in (dataset or ["procedural:1:200"])]
+    datasets = [load_dataset(spec) for spec in (dataset or ["procedural:1:100"])]
     results = evaluate_datasets(model, datasets, prompt_kinds=kinds, points=points, limit=limit)
     name = label or (checkpoint.name if checkpoint else "shipped")
     table = results_to_markdown(results, model_name=name)
