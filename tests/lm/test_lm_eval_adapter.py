@@ -83,6 +83,13 @@ def test_generate_until_is_greedy_and_cut_at_the_stop_string(model_dir):
     assert text == expected[: expected.index(stop)]
     [text] = lm.generate_until([_request("generate_until", (context, {"until": ["\u2603"], "max_gen_toks": 12}))])
     assert text == expected
+    # batched with other prompts of other lengths (left padding): the same text
+    others = ["Alas, poor Yorick", "O"]
+    texts = lm.generate_until([_request("generate_until", (c, {"until": ["\u2603"], "max_gen_toks": 12}))
+                               for c in [others[0], context, others[1]]])
+    assert texts[1] == expected
+    alone = lm.generate_until([_request("generate_until", (others[0], {"until": ["\u2603"], "max_gen_toks": 12}))])
+    assert texts[0] == alone[0]
 
 
 def test_cuda_default_falls_back_to_cpu_and_bad_dtype_is_named(model_dir):

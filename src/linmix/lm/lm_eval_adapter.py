@@ -187,28 +187,44 @@ class LinmixLM(_lm_base()):
     # -- generation ------------------------------------------------------------------------
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy decoding (sampling arguments are honoured when ``do_sample``), cut at the first
-        stop string; contexts left-truncated to ``max_length - max_gen_toks``."""
+        """Greedy decoding (sampling when ``do_sample``), cut at the first stop string; contexts
+        left-truncated to ``max_length - max_gen_toks``. Requests with the same generation
+        arguments run ``batch_size`` at a time, left-padded (each row generates what it would alone)."""
         from tqdm.auto import tqdm
 
-        outputs = []
-        for request in tqdm(requests, disable=disable_tqdm, desc="linmix generate"):
-            context, gen_kwargs = request.args
-            gen_kwargs = dict(gen_kwargs or {})
+        groups: dict[str, list[int]] = {}
+        for index, request in enumerate(requests):
+            groups.setdefault(json.dumps(request.args[1] or {}, sort_keys=True, default=str), []).append(index)
+        outputs: list = [None] * len(requests)
+        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="linmix generate")
+        for indices in groups.values():
+            gen_kwargs = dict(requests[indices[0]].args[1] or {})
             until = gen_kwargs.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(gen_kwargs.pop("max_gen_toks", self.max_gen_toks))
             temperature = float(gen_kwargs.pop("temperature", 0.0)) if gen_kwargs.pop("do_sample", False) else 0.0
-            context_ids = self.tok_encode(context)[-(self.max_length - max_new) :] or [self.eot_token_id]
-            ids = torch.tensor([context_ids], device=self._device)
-            generated = self.model.generate(ids, max_new, temperature=temperature, eos_token_id=self.eot_token_id,
-                                            top_k=gen_kwargs.get("top_k"), top_p=gen_kwargs.get("top_p"))
-            text = self.tok_decode(generated[0, len(context_ids) :].tolist())
-            for stop in until:
-                if stop and stop in text:
-                    text = text[: text.index(stop)]
-            outputs.append(text)
-            self.cache_hook.add_partial("generate_until", (context, request.args[1]), text)
+            for start in range(0, len(indices), self.batch_size):
+                rows = indices[start : start + self.batch_size]
+                contexts = [self.tok_encode(requests[i].args[0])[-(self.max_length - max_new) :] or [self.eot_token_id]
+                            for i in rows]
+                width = max(len(c) for c in contexts)
+                ids = torch.full((len(rows), width), self.eot_token_id, dtype=torch.long)
+                mask = torch.zeros((len(rows), width), dtype=torch.long)
+                for row, context_ids in enumerate(contexts):
+                    ids[row, width - len(context_ids) :] = torch.tensor(context_ids)
+                    mask[row, width - len(context_ids) :] = 1
+                generated = self.model.generate(ids.to(self._device), max_new, temperature=temperature,
+                                                eos_token_id=self.eot_token_id, attention_mask=mask.to(self._device),
+                                                top_k=gen_kwargs.get("top_k"), top_p=gen_kwargs.get("top_p"))
+                for row, i in enumerate(rows):
+                    text = self.tok_decode(generated[row, width:].tolist())
+                    for stop in until:
+                        if stop and stop in text:
+                            text = text[: text.index(stop)]
+                    outputs[i] = text
+                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                bar.update(len(rows))
+        bar.close()
         return outputs
 
 
