@@ -103,20 +103,13 @@ def _stage_mqar(config: TourConfig, result: StageResult, echo: Callable[[str], N
     rows = run_preset(config.mqar_preset, out, resume=True, progress=config.progress)
     report = write_report(out)
     result.paths.update({str(k): Path(v) for k, v in dict(report).items()})
-    for row in rows or []:
-        name = row.get("model", "?")
-        accuracy = row.get("mean_accuracy", row.get("accuracy"))
-        state = row.get("state_size_bytes", row.get("state_bytes"))
-        parts = [str(name)]
-        if accuracy is not None:
-            parts.append(f"accuracy {float(accuracy):.3f}")
-        if state is not None:
-            parts.append(f"state {int(state) / 1024:.0f} KiB")
-        result.lines.append(", ".join(parts))
+    for row in rows:  # linmix.mqar's result rows: one per model, at its best learning rate
+        result.lines.append(f"{row['model']}, accuracy {row['mean_accuracy']:.3f}, state {row['state_bytes'] / 1024:.0f} KiB")
 
 
 def _stage_segment(config: TourConfig, result: StageResult, echo: Callable[[str], None]) -> None:
     import numpy as np
+    from tqdm.auto import tqdm
 
     from linmix.data.examples import EXAMPLES, load_example_image, render_example
     from linmix.sam import RwkvSamPredictor
@@ -126,8 +119,6 @@ def _stage_segment(config: TourConfig, result: StageResult, echo: Callable[[str]
     out = config.out_dir / "segment"
     model = load_sam_model(config.sam_checkpoint, config.sam_variant)
     echo(f"segment: RWKV-SAM {getattr(model, 'variant', '')} at {model.image_size}px on {len(EXAMPLES)} bundled images -> {out}")
-    from tqdm.auto import tqdm
-
     predictor = RwkvSamPredictor(model)
     records, tiles = [], []
     for example in tqdm(EXAMPLES, desc="segment", unit="image", disable=not config.progress):

@@ -105,7 +105,7 @@ def fake_mqar(monkeypatch):
     def run_preset(preset, out_dir, *, resume=True, progress=True):
         calls.append((preset, out_dir, resume))
         out_dir.mkdir(parents=True, exist_ok=True)
-        return [{"model": "based-d64", "mean_accuracy": 0.91, "state_size_bytes": 8192}]
+        return [{"model": "based-d64", "mean_accuracy": 0.91, "state_bytes": 8192}]
 
     def write_report(out_dir):
         plot = out_dir / "frontier.png"
