@@ -107,11 +107,19 @@ def test_sweep_resumes_without_redoing_finished_runs(tmp_path, monkeypatch):
     for key in ("config", "accuracy", "train_seconds", "best_lr", "state_bytes"):
         assert key in row
 
+    # sweeping fewer learning rates reuses the finished runs (a run does not depend on the others)
+    fewer = run_sweep(dataclasses.replace(preset, learning_rates=[1e-2]), tmp_path, progress=False, workers=1)
+    assert len(calls) == 4
+    assert [list(r["accuracy_by_lr"]) for r in fewer] == [["0.01"], ["0.01"]]
+
     # a half-written last line (a kill mid-write) is ignored and that run redone
     with (tmp_path / "runs.jsonl").open("a") as handle:
         handle.write('{"model": "based_d8')
     run_sweep(preset, tmp_path, progress=False, workers=1)
     assert len(calls) == 4
+    # and a record appended after such a line stays whole
+    sweep._append_jsonl(tmp_path / "runs.jsonl", {"model": "x", "lr": 1.0})
+    assert sweep._read_jsonl(tmp_path / "runs.jsonl")[-1] == {"model": "x", "lr": 1.0}
 
 
 def test_sweep_refuses_a_directory_with_other_settings_and_restarts_on_request(tmp_path):

@@ -146,10 +146,16 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def _append_jsonl(path: Path, record: dict) -> None:
     """Append one line, durably; an exclusive lock keeps lines whole when several workers append."""
-    with path.open("a") as handle:
+    with path.open("ab") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            handle.write(json.dumps(record) + "\n")  # key order kept: segments stay in preset order
+            line = json.dumps(record) + "\n"  # key order kept: segments stay in preset order
+            if handle.tell() > 0:
+                with path.open("rb") as reader:
+                    reader.seek(-1, os.SEEK_END)
+                    if reader.read(1) != b"\n":  # a line cut short by a kill: end it, keep ours whole
+                        line = "\n" + line
+            handle.write(line.encode())
             handle.flush()
             os.fsync(handle.fileno())
         finally:
