@@ -57,7 +57,7 @@ def _kilobytes(n: int) -> str:
 def results_table(rows: list[dict]) -> str:
     """A markdown table: one row per model, sorted by mixer then state size."""
     segments = list(rows[0]["accuracy"])
-    header = ["model", "state (KB)", "params", *segments, "mean", "best lr", "epochs", "train s"]
+    header = ["model", "state (KB)", "params", *segments, "mean", "in-training lengths", "best lr", "epochs", "train s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     order = list(_STYLE)
     for row in sorted(rows, key=lambda r: (order.index(r["mixer"]) if r["mixer"] in order else len(order), r["state_bytes"], r["model"])):
@@ -67,12 +67,19 @@ def results_table(rows: list[dict]) -> str:
             f"{row['parameters']:,}",
             *(f"{row['accuracy'].get(s, float('nan')):.3f}" for s in segments),
             f"**{row['mean_accuracy']:.3f}**",
+            f"{row.get('in_training_lengths_accuracy', float('nan')):.3f}",
             f"{row['best_lr']:g}",
             str(row["epochs"]),
             f"{row['train_seconds']:.0f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _pairs_and_length(segment_name: str) -> tuple[int, int]:
+    """``"L256_N64"`` -> (64, 256): the segment with the most key-value pairs is the hardest."""
+    length, pairs = segment_name.split("_")
+    return int(pairs[1:]), int(length[1:])
 
 
 def _plot(rows: list[dict], path: Path) -> None:
@@ -82,7 +89,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     segments = list(rows[0]["accuracy"])
-    hardest = segments[-1]
+    hardest = max(segments, key=_pairs_and_length)
     panels = [("mean accuracy over test segments", lambda r: r["mean_accuracy"]),
               (f"accuracy on {hardest}", lambda r: r["accuracy"][hardest])]
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=90)
@@ -120,8 +127,9 @@ def write_report(out_dir) -> dict:
     lines = [
         f"# MQAR results (preset `{preset}`)\n",
         "Accuracy per test segment (`L{length}_N{key-value pairs}`): per example the fraction of queries "
-        "answered right, averaged over examples; best learning rate per model. State: bytes of recurrent "
-        f"state at L = {rows[0]['state_bytes_at']} (fp32, both layers).\n",
+        "answered right, averaged over examples; mean over the test segments, and over those whose length "
+        "was seen in training; best learning rate per model. State: bytes of recurrent state at "
+        f"L = {rows[0]['state_bytes_at']} (fp32, both layers); KB = 1000 bytes.\n",
         results_table(rows),
     ]
     table_path.write_text("\n".join(lines))
