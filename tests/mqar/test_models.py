@@ -101,7 +101,7 @@ def test_loss_is_cross_entropy_of_logits_at_labelled_positions_only():
     # by hand: the mean over the 12 labelled positions of -log softmax(logits)[label]
     log_probs = torch.log_softmax(logits[labelled].double(), dim=-1)
     by_hand = -log_probs[torch.arange(int(labelled.sum())), labels[labelled]].mean()
-    assert abs(float(loss.detach()) - float(by_hand)) < 1e-5
+    assert abs(float(loss.detach()) - float(by_hand.detach())) < 1e-5
 
 
 def test_loss_ignores_unlabelled_positions():
