@@ -17,6 +17,7 @@ CONFIGS = [
     MQARModelConfig("sliding_window", 16, window=4),
     MQARModelConfig("mamba", 16, d_state=4),
     MQARModelConfig("rwkv", 16),
+    MQARModelConfig("rwkv5", 16, num_heads=2),
     MQARModelConfig("base_conv", 16),
 ]
 
@@ -44,6 +45,7 @@ def test_state_bytes_formulas(d, f, w, n, length):
     assert state_size_bytes(MQARModelConfig("base_conv", d), length) == 4 * (d * length + conv)
     assert state_size_bytes(MQARModelConfig("attention", d), length) == 4 * (2 * d * length + conv)
     assert state_size_bytes(MQARModelConfig("rwkv", d), length) == 4 * (4 * d + conv)
+    assert state_size_bytes(MQARModelConfig("rwkv5", d, num_heads=4), length) == 4 * (4 * (d // 4) ** 2 + conv)
 
 
 def test_config_round_trips_and_names():

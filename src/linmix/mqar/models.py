@@ -15,12 +15,14 @@ Mixers (``MQARModelConfig.mixer``), all from :mod:`linmix.layers` except the lon
 - ``sliding_window``: sliding-window softmax attention alone;
 - ``mamba``: Mamba-1 with state size ``d_state`` (expand 2, conv 4);
 - ``rwkv``: RWKV-4 time mixing (its state is a vector per channel, see :func:`state_size_bytes`);
+- ``rwkv5``: RWKV-5-style time mixing with a matrix-valued state per head (``num_heads`` heads);
 - ``base_conv``: BaseConv with a long causal convolution (explicit filter over the whole sequence,
   via FFT): the Hyena/H3-style gated convolution.
 
 State size (:func:`state_size_bytes`) is the spec's accounting, 4 bytes a number, summed over both
 layers at a given sequence length: short conv d*k; attention 2*d*L; sliding window 2*d*w; BASED
-h*head_dim*D' + h*D'; Mamba 2*d*d_state; long conv d*L; RWKV-4 4*d (a, b, p and the shifted token).
+h*head_dim*D' + h*D'; Mamba 2*d*d_state; long conv d*L; RWKV-5 heads*head_dim^2; RWKV-4 4*d
+(a, b, p and the shifted token: its own accounting, since its state is a vector).
 """
 
 from __future__ import annotations
@@ -33,11 +35,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from linmix.layers import BaseConv, BasedLinearAttention, Mamba, MultiHeadAttention, RWKVTimeMix, SlidingWindowAttention
+from linmix.layers.rwkv5 import RWKV5TimeMix
 from linmix.mqar.data import IGNORE_INDEX
 
 __all__ = ["MIXERS", "LongConv", "MQARModel", "MQARModelConfig", "masked_recall_loss", "state_size_bytes"]
 
-MIXERS = ("attention", "based", "based_window", "sliding_window", "mamba", "rwkv", "base_conv")
+MIXERS = ("attention", "based", "based_window", "sliding_window", "mamba", "rwkv", "rwkv5", "base_conv")
 SHORT_CONV_KERNEL = 3
 
 
@@ -153,6 +156,8 @@ def _build_mixer(config: MQARModelConfig, max_len: int) -> nn.Module:
         return Mamba(d, d_state=config.d_state)
     if config.mixer == "rwkv":
         return RWKVTimeMix(d, layer_id=1, num_layers=2)
+    if config.mixer == "rwkv5":
+        return RWKV5TimeMix(d, num_heads=heads, layer_id=1, num_layers=2)
     return LongConv(d, max_len)
 
 

@@ -102,6 +102,7 @@ def _paper() -> MQARPreset:
     models += [MQARModelConfig("mamba", d, d_state=n) for d in (64, 128, 256) for n in (8, 16, 24)]
     models += [MQARModelConfig("base_conv", d) for d in (64, 128, 256)]
     models += [MQARModelConfig("rwkv", d) for d in (64, 128, 256)]
+    models += [MQARModelConfig("rwkv5", d, num_heads=h) for d in (64, 128, 256) for h in (1, 4)]
     return MQARPreset(
         name="paper",
         vocab_size=8192,
@@ -123,6 +124,7 @@ def _cpu() -> MQARPreset:
     models += [MQARModelConfig("sliding_window", 64, window=w) for w in (8, 32, 128)]
     models += [MQARModelConfig("mamba", 64, d_state=n) for n in (8, 16)]
     models += [MQARModelConfig("rwkv", d) for d in (64, 128)]
+    models += [MQARModelConfig("rwkv5", 64, num_heads=h) for h in (4, 2)]
     models += [MQARModelConfig("base_conv", 64)]
     return MQARPreset(
         name="cpu",

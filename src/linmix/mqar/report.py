@@ -18,6 +18,7 @@ _STYLE = {
     "sliding_window": ("tab:orange", "v", "Sliding window"),
     "mamba": ("tab:green", "^", "Mamba"),
     "rwkv": ("tab:purple", "P", "RWKV-4"),
+    "rwkv5": ("tab:pink", "*", "RWKV-5 (matrix state)"),
     "base_conv": ("tab:brown", "X", "BaseConv (long conv)"),
 }
 

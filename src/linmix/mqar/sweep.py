@@ -225,7 +225,7 @@ def _prepare_directory(preset: MQARPreset, out: Path, resume: bool) -> None:
 
 def _relative_cost(config: MQARModelConfig) -> float:
     """Rough CPU cost of one run, to start the slow ones first when several workers share the sweep."""
-    per_mixer = {"mamba": 6.0 * config.d_state / 16, "rwkv": 4.0, "based_window": 2.0, "based": 1.5}
+    per_mixer = {"mamba": 6.0 * config.d_state / 16, "rwkv": 4.0, "rwkv5": 2.0, "based_window": 2.0, "based": 1.5}
     return per_mixer.get(config.mixer, 1.0) * config.d_model / 64
 
 
