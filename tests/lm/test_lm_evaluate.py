@@ -90,7 +90,7 @@ def test_recall_truncates_left_stops_at_newline_and_scores_contains():
     scores = evaluate_recall(model, ByteTokenizer(), records, max_new_tokens=48, max_length=2048, batch_size=2)
     # London comes after the newline: cut away, so only the first record counts
     assert scores["generations"] == [" Paris", " Paris"]
-    assert scores["contains"] == 0.5 and scores["n"] == 2
+    assert scores["contains"] == 0.5 and scores["correct"] == 1 and scores["n"] == 2
     long_prompt = [p for p in model.prompts if p.endswith("capital:") and len(p) > 100][0]
     assert len(long_prompt) == 2048 - 48  # left-truncated: the end of the prompt is kept
     assert "The capital of France is" in model.prompts

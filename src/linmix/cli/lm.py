@@ -104,7 +104,8 @@ def evaluate(
         scores = evaluate_recall(model, tok, records, max_new_tokens=max_new_tokens, max_length=max_length,
                                  batch_size=batch_size)
         results.setdefault("recall", {})[task_file.stem] = scores
-        typer.echo(f"recall {task_file.stem}: contains {100 * scores['contains']:.2f} ({scores['n']} records)")
+        typer.echo(f"recall {task_file.stem}: contains {100 * scores['contains']:.2f}% "
+                   f"({scores['correct']}/{scores['n']} records)")
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(results, indent=2) + "\n")

@@ -180,9 +180,11 @@ def greedy_generate_texts(model, tokenizer, prompts: list[str], *, max_new_token
 
 def evaluate_recall(model, tokenizer, records: Iterable[dict], *, max_new_tokens: int = RECALL_MAX_NEW_TOKENS,
                     max_length: int = RECALL_MAX_LENGTH, batch_size: int = 8) -> dict:
-    """Run a recall task; returns ``{"contains": mean score, "n": count, "generations": [...]}``."""
+    """Run a recall task; returns ``{"contains": fraction in [0, 1], "correct": count, "n": records,
+    "generations": [...]}``."""
     records = list(records)
     generations = greedy_generate_texts(model, tokenizer, [r["text"] for r in records], max_new_tokens=max_new_tokens,
                                         max_length=max_length, batch_size=batch_size)
     scores = [contains_score(g, r["value"]) for g, r in zip(generations, records)]
-    return {"contains": float(np.mean(scores)), "n": len(records), "generations": generations}
+    return {"contains": float(np.mean(scores)), "correct": int(sum(scores)), "n": len(records),
+            "generations": generations}
