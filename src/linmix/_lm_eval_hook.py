@@ -10,8 +10,10 @@ from __future__ import annotations
 import importlib.abc
 import importlib.machinery
 import sys
+from pathlib import Path
 
 _WATCHED = "lm_eval.models"
+PTH_NAME = "linmix_lm_eval.pth"
 
 
 def _register_linmix() -> None:
@@ -48,6 +50,20 @@ def install() -> None:
         _register_linmix()
     elif not any(isinstance(finder, _LmEvalModelsFinder) for finder in sys.meta_path):
         sys.meta_path.insert(0, _LmEvalModelsFinder())
+
+
+def write_pth(site_dir: str | Path | None = None) -> Path:
+    """Write ``linmix_lm_eval.pth`` into ``site_dir`` (default: this environment's site-packages);
+    every interpreter of the environment then runs :func:`install` at start-up."""
+    import sysconfig
+
+    directory = Path(site_dir or sysconfig.get_paths()["purelib"])
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no site-packages folder at {directory}")
+    path = directory / PTH_NAME
+    # .pth lines starting with "import" are executed at start-up; this module is stdlib-only.
+    path.write_text("import linmix._lm_eval_hook\n")
+    return path
 
 
 install()

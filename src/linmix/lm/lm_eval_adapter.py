@@ -10,7 +10,7 @@ How the name is found: lm-eval 0.4.13 has no plug-in discovery for models; it fi
 from a fixed table when ``lm_eval.models`` is first imported. linmix adds one line to that registry
 right after that import (a lazy ``"linmix" -> "linmix.lm.lm_eval_adapter:LinmixLM"`` placeholder),
 from the import hook :mod:`linmix._lm_eval_hook`, which a one-line ``linmix_lm_eval.pth`` in
-site-packages activates (``linmix lm install-lm-eval-hook`` writes it; ``make install`` runs that).
+site-packages activates (``make install`` and ``linmix lm install-lm-eval-hook`` write it).
 In Python code, :func:`register` does the same directly.
 
 The recall tasks (``text`` / ``value`` files) run as lm-eval tasks too: :func:`write_recall_task`
@@ -27,7 +27,6 @@ import torch.nn.functional as F
 
 MODEL_NAME = "linmix"
 ADAPTER_TARGET = "linmix.lm.lm_eval_adapter:LinmixLM"
-PTH_NAME = "linmix_lm_eval.pth"
 
 
 def register() -> None:
@@ -42,15 +41,9 @@ def register() -> None:
 def install_hook(site_dir: str | Path | None = None) -> Path:
     """Write ``linmix_lm_eval.pth`` into ``site_dir`` (default: this environment's site-packages) so
     every interpreter of the environment installs the import hook; returns its path."""
-    import sysconfig
+    from linmix._lm_eval_hook import write_pth
 
-    directory = Path(site_dir or sysconfig.get_paths()["purelib"])
-    if not directory.is_dir():
-        raise FileNotFoundError(f"no site-packages folder at {directory}")
-    path = directory / PTH_NAME
-    # .pth lines starting with "import" are executed at start-up; the hook module is stdlib-only.
-    path.write_text("import linmix._lm_eval_hook\n")
-    return path
+    return write_pth(site_dir)
 
 
 def _resolve_dtype(dtype) -> torch.dtype | None:
