@@ -143,3 +143,86 @@ def install_lm_eval_hook(
     from linmix.lm.lm_eval_adapter import install_hook
 
     typer.echo(f"wrote {install_hook(site_dir)}")
+
+
+@lm_app.command("generate")
+def generate_text(
+    model_dir: Path = typer.Argument(..., help="A model folder (config.json + model.safetensors) or a training checkpoint folder."),
+    prompt: list[str] = typer.Option(..., "--prompt", "-p", help="Prompt text; repeat for a batch (left-padded)."),
+    max_new_tokens: int = typer.Option(64, help="Tokens to generate after each prompt."),
+    temperature: float = typer.Option(0.0, help="0 = greedy; > 0 samples."),
+    top_k: Optional[int] = typer.Option(None, help="Sample only among the k most likely tokens."),
+    top_p: Optional[float] = typer.Option(None, help="Nucleus sampling: smallest set with probability >= p."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+    tokenizer: Optional[str] = typer.Option(None, help="Override the tokenizer stored in MODEL_DIR."),
+    stop_at_eos: bool = typer.Option(True, "--stop-at-eos/--no-stop-at-eos", help="Stop a row at the end-of-text token."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON records (prompt, completion, tokens/s) instead of text."),
+) -> None:
+    """Generate text with constant memory per sequence (parallel prefill, then recurrent decoding).
+
+    Example: linmix lm generate runs/based/model -p "ROMEO:" --max-new-tokens 100 --temperature 0.8 --top-k 40
+    """
+    import time
+
+    import torch
+
+    from linmix.lm.evaluate import load_model
+    from linmix.lm.generation import generate
+    from linmix.lm.tokenizers import load_tokenizer
+
+    if max_new_tokens < 0:
+        raise CliError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise CliError(f"--temperature must be >= 0, got {temperature}")
+    model = load_model(model_dir)
+    tok = _model_tokenizer(model_dir, tokenizer, load_tokenizer)
+    encoded = [tok.encode(text) for text in prompt]
+    if any(len(ids) == 0 for ids in encoded):
+        raise CliError("every --prompt must be non-empty text")
+    width = max(len(ids) for ids in encoded)
+    pad_id = tok.eos_token_id if tok.eos_token_id is not None else 0
+    input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in encoded])
+    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded])
+    generator = torch.Generator().manual_seed(seed)
+    started = time.perf_counter()
+    with torch.no_grad():
+        output = generate(model, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          eos_token_id=tok.eos_token_id if stop_at_eos else None, pad_token_id=pad_id,
+                          attention_mask=attention_mask if width != min(len(ids) for ids in encoded) else None,
+                          generator=generator)
+    seconds = time.perf_counter() - started
+    for text, row in zip(prompt, output[:, width:].tolist()):
+        if stop_at_eos and tok.eos_token_id is not None and tok.eos_token_id in row:
+            row = row[: row.index(tok.eos_token_id)]
+        completion = tok.decode(row)
+        if json_out:
+            print(json.dumps({"prompt": text, "completion": completion, "new_tokens": len(row),
+                              "tokens_per_s": round(len(row) / max(seconds, 1e-9), 2)}))
+        else:
+            print(text + completion)
+
+
+@lm_app.command("convert")
+def convert(
+    source: Path = typer.Argument(..., help="Official BASED checkpoint folder: config.json + model.safetensors / pytorch_model.bin (or shards)."),
+    out_dir: Path = typer.Argument(..., help="Where to write the linmix model (config.json + model.safetensors)."),
+    dtype: Optional[str] = typer.Option(None, help="float32 | bfloat16 | float16 (default: the checkpoint's own dtype)."),
+) -> None:
+    """Convert an official BASED checkpoint (hazyresearch layout) into a linmix model folder.
+
+    Every official key must be consumed and every linmix weight filled; mismatches are reported by name.
+    .bin files are read with torch.load(weights_only=True): nothing unsafe is unpickled.
+
+    Example: linmix lm convert ~/ckpt/based-360m ./based-360m --dtype bfloat16
+    """
+    import torch
+
+    from linmix.lm.convert import save_as_linmix
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype is not None and dtype not in dtypes:
+        raise CliError(f"--dtype must be one of {sorted(dtypes)}, got {dtype!r}")
+    if not source.exists():
+        raise FileNotFoundError(f"{source} does not exist (expected an official checkpoint folder)")
+    path = save_as_linmix(source, out_dir, dtype=dtypes.get(dtype) if dtype else None)
+    print(f"wrote {path}")

@@ -260,6 +260,9 @@ class BasedForCausalLM(nn.Module):
         model = cls(config)
         missing, unexpected = load_model(model, str(weights), strict=False, device=str(device))
         missing = [key for key in missing if key != "lm_head.weight" or not config.tie_word_embeddings]
+        # Training checkpoints store the tied head under both names (one copy each): the same tensor.
+        tied_names = {"lm_head.weight", "transformer.embeddings.word_embeddings.weight"}
+        unexpected = [key for key in unexpected if key not in tied_names or not config.tie_word_embeddings]
         if missing or unexpected:
             raise ValueError(f"{weights} does not match the config: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
         model.to(device)
