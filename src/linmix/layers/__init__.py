@@ -8,6 +8,7 @@ from linmix.layers.mamba import Mamba, MambaState
 from linmix.layers.mlp import GatedMLP
 from linmix.layers.norm import RMSNorm
 from linmix.layers.rwkv import RWKVTimeMix
+from linmix.layers.rwkv5 import RWKV5State, RWKV5TimeMix
 
 __all__ = [
     "BaseConv",
@@ -20,6 +21,8 @@ __all__ = [
     "MixerState",
     "MultiHeadAttention",
     "RMSNorm",
+    "RWKV5State",
+    "RWKV5TimeMix",
     "RWKVTimeMix",
     "ShortConvolution",
     "SlidingWindowAttention",
