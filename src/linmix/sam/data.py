@@ -102,7 +102,7 @@ def _image_size(path: Path) -> tuple[int, int]:
 
 def read_rgb(path: str | PathLike[str]) -> np.ndarray:
     """An image file -> ``[H, W, 3]`` uint8 RGB (grayscale / RGBA converted); DatasetError if corrupt."""
-    return np.asarray(_open_image(Path(path)).convert("RGB"), dtype=np.uint8)
+    return np.array(_open_image(Path(path)).convert("RGB"), dtype=np.uint8)  # a writable copy
 
 
 def read_mask(path: str | PathLike[str]) -> np.ndarray:

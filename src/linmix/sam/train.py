@@ -24,6 +24,7 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -465,7 +466,7 @@ def dump_teacher_features(
     items = []
     for index in tqdm(range(count), desc="teacher features", disable=not progress):
         sample = dataset[index]
-        image = torch.from_numpy(sample.image).permute(2, 0, 1).float()
+        image = torch.from_numpy(np.ascontiguousarray(sample.image)).permute(2, 0, 1).float()
         height, width = image.shape[-2:]
         scale = size / max(height, width)
         frame = prepare_image(_resize(image, (int(height * scale + 0.5), int(width * scale + 0.5))), size)
