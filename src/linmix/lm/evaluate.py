@@ -30,31 +30,10 @@ RECALL_STOP = "\n"
 
 def load_model(directory: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """A model folder: ``save_pretrained`` output or a training checkpoint folder (whose
-    model.safetensors stores tied embedding weights under both names)."""
-    from safetensors.torch import load_file
+    model.safetensors stores tied embedding weights under both names); eval mode."""
+    from linmix.lm.model import BasedForCausalLM
 
-    from linmix.lm.config import BasedConfig
-    from linmix.lm.model import WEIGHTS_NAME, BasedForCausalLM
-
-    directory = Path(directory)
-    config = BasedConfig.load(directory)
-    weights = directory / WEIGHTS_NAME
-    if not weights.is_file():
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory} (expected a model or checkpoint folder)")
-    model = BasedForCausalLM(config)
-    missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
-    tied = {"lm_head.weight", "transformer.embeddings.word_embeddings.weight"} if config.tie_word_embeddings else set()
-    # with tied embeddings either name alone carries the shared tensor
-    if len(tied & set(missing)) == 2:
-        missing = list(missing)
-    else:
-        missing = [key for key in missing if key not in tied]
-    if missing or unexpected:
-        raise ValueError(f"{weights} does not match its config: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
-    model.to(device)
-    if dtype is not None:
-        model.to(dtype)
-    return model.eval()
+    return BasedForCausalLM.from_pretrained(directory, device=device, dtype=dtype)
 
 
 @dataclass
