@@ -35,3 +35,14 @@ def require_positive_int(name: str, value: int) -> None:
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """Half-precision inputs are computed and accumulated in fp32; fp32/fp64 stay as they are."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def tracing_or_exporting(*tensors: torch.Tensor) -> bool:
+    """True under torch.export / torch.compile / JIT / ONNX tracing, or for meta tensors: callers
+    then take their branch-free form and make no data-dependent Python choices."""
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and (compiler.is_compiling() or getattr(compiler, "is_exporting", lambda: False)()):
+        return True
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return True
+    return any(t.device.type == "meta" for t in tensors)

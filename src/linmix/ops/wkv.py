@@ -39,7 +39,13 @@ import torch
 import torch.nn.functional as F
 
 from linmix.ops import dispatch
-from linmix.ops._checks import accumulation_dtype, require_positive_int, require_same, require_shape
+from linmix.ops._checks import (
+    accumulation_dtype,
+    require_positive_int,
+    require_same,
+    require_shape,
+    tracing_or_exporting,
+)
 from linmix.ops.state import MixerState
 from linmix.ops.wkv_one_shift import bi_wkv_one_shift, one_shift_applicable
 
@@ -174,16 +180,6 @@ def bi_wkv_reference(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch
 BI_WKV_FORMS = ("auto", "one_shift", "chunked")
 
 
-def _tracing(*tensors: torch.Tensor) -> bool:
-    """Under export / compile / JIT tracing, or on the meta device: no data-dependent Python choices."""
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None and (compiler.is_compiling() or getattr(compiler, "is_exporting", lambda: False)()):
-        return True
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-        return True
-    return any(t.device.type == "meta" for t in tensors)
-
-
 def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chunk_size: int = 64,
            backend: str = "auto", form: str = "auto") -> torch.Tensor:
     """Bidirectional WKV in O(T): w, u: [C]; k, v: [B, T, C] -> [B, T, C] (see the module docstring).
@@ -234,7 +230,7 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
     out_dtype, dtype = _compute_dtypes(k, v)
     w, u, k, v = (t.to(dtype) for t in (w, u, k, v))
     batch, length, channels = k.shape
-    if form == "one_shift" or (form == "auto" and not _tracing(w, u, k, v) and one_shift_applicable(w, u, length)):
+    if form == "one_shift" or (form == "auto" and not tracing_or_exporting(w, u, k, v) and one_shift_applicable(w, u, length)):
         return bi_wkv_one_shift(w, u, k, v, block_size=chunk_size).to(out_dtype)
     size = chunk_size
 

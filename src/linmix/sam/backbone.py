@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from linmix.ops._checks import require_positive_int, require_shape
+from linmix.ops._checks import require_positive_int, require_shape, tracing_or_exporting
 from linmix.layers.rwkv import rwkv_fancy_init
 from linmix.ops.wkv import bi_wkv
 from linmix.sam.common import LayerNorm2d  # SAM's channels-first LayerNorm (eps 1e-6), shared with the decoder
@@ -218,7 +218,7 @@ def q_shift(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         raise ValueError(f"x must have shape [B, T, C] with T = height * width = {height} * {width} = {height * width}, got {tuple(x.shape)}")
     g = channels // 4
     grid = x.reshape(batch, height, width, channels)
-    if _tracing_for_export():
+    if tracing_or_exporting(x):
         # F.pad's widths run from the last dim backwards: (C left, C right, W left, W right, H top, H bottom).
         left = F.pad(grid[:, :, : width - 1, 0:g], (0, 0, 1, 0))
         right = F.pad(grid[:, :, 1:, g : 2 * g], (0, 0, 0, 1))
@@ -239,13 +239,6 @@ def q_shift(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     shifted[:, -1:, :, 3 * g : 4 * g] = 0
     shifted[..., 4 * g :] = grid[..., 4 * g :]
     return shifted.reshape(batch, length, channels)
-
-
-def _tracing_for_export() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None and (compiler.is_compiling() or getattr(compiler, "is_exporting", lambda: False)()):
-        return True
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
 class VRWKVSpatialMix(nn.Module):
