@@ -2,6 +2,10 @@
 """Image-encoder latency and memory on CPU: RWKV-SAM small vs the same-scale attention backbone vs
 SAM ViT-B, batch 1, random weights, measured side by side (interleaved) in one run.
 
+Each measurement runs in its own child process: latency with glibc's default allocator settings,
+latency with :func:`linmix.utils.memory.tune_cpu_allocator` (what the ``linmix`` CLI uses), and peak
+memory with the mmap threshold pinned low so that freed buffers leave the process between calls.
+
     python benchmarks/sam_encoder.py                  # 512, 1024 and 2048 px
     python benchmarks/sam_encoder.py --sizes 512 1024 --repeats 3
 
@@ -15,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 import types
@@ -24,7 +30,7 @@ from pathlib import Path
 import torch
 
 from linmix.sam.backbone import RwkvSamImageEncoder
-from linmix.utils.memory import peak_memory_mib, pin_malloc_threshold
+from linmix.utils.memory import peak_memory_mib, tune_cpu_allocator
 
 
 def sam_vit_b():
@@ -49,14 +55,10 @@ def sam_vit_b():
                            out_chans=256).eval()
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048])
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--markdown", type=Path, default=None)
-    args = parser.parse_args(argv)
-    pin_malloc_threshold()
+ALLOCATORS = ("default", "tuned")
+
+
+def build_models():
     torch.manual_seed(0)
     models = {
         "RWKV-SAM small": RwkvSamImageEncoder("small", "rwkv").eval(),
@@ -67,53 +69,98 @@ def main(argv=None) -> int:
         models["SAM ViT-B"] = vit
     else:
         print("segment-anything not installed: skipping SAM ViT-B", file=sys.stderr)
-    params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
-    print("parameters: " + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in params.items()), flush=True)
-    rows = []
-    for size in args.sizes:
+    return models
+
+
+def competitors_at(models, size):
+    return {name: m for name, m in models.items() if name != "SAM ViT-B" or size == 1024}
+
+
+def measure(phase: str, sizes, repeats: int) -> dict:
+    """One phase in this process: ``time-default`` / ``time-tuned`` (median seconds, interleaved) or
+    ``memory`` (peak extra resident MiB of one call; run with the mmap threshold pinned low)."""
+    if phase == "time-tuned" and not tune_cpu_allocator():
+        raise SystemExit("the tuned allocator needs Linux with glibc")
+    models = build_models()
+    result = {"parameters": {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}, "rows": {}}
+    for size in sizes:
         image = torch.randn(1, 3, size, size)
-        competitors = {name: m for name, m in models.items() if name != "SAM ViT-B" or size == 1024}
-        times = {name: [] for name in competitors}
-        memory = {}
+        competitors = competitors_at(models, size)
         with torch.no_grad():
-            for name, model in competitors.items():  # warm-up call doubles as the memory measurement
-                _, memory[name] = peak_memory_mib(lambda: model(image))
-            for _ in range(args.repeats):
+            if phase == "memory":
+                result["rows"][size] = {name: peak_memory_mib(lambda: model(image))[1] for name, model in competitors.items()}
+                continue
+            for model in competitors.values():
+                model(image)  # warm-up
+            times = {name: [] for name in competitors}
+            for _ in range(repeats):
                 for name, model in competitors.items():
                     start = time.perf_counter()
                     model(image)
                     times[name].append(time.perf_counter() - start)
-        row = {"size": size, **{name: {"seconds": statistics.median(t), "peak_mib": memory[name]} for name, t in times.items()}}
-        rows.append(row)
-        print(f"  {size} px: " + ", ".join(f"{k} {v['seconds']:.2f} s" for k, v in row.items() if k != "size"), flush=True)
-    lines = [f"batch 1, random weights, {torch.get_num_threads()} threads, median of {args.repeats}; parameters: "
+        result["rows"][size] = {name: statistics.median(t) for name, t in times.items()}
+        print(f"  [{phase}] {size} px: " + ", ".join(f"{k} {v:.2f} s" for k, v in result["rows"][size].items()), file=sys.stderr, flush=True)
+    return result
+
+
+def run_phase(phase: str, args) -> dict:
+    """A phase in a fresh child process (allocator settings are process-wide and cannot be undone)."""
+    env = dict(os.environ)
+    if phase == "memory":
+        env["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)  # freed buffers go back to the OS: VmHWM is the peak
+    else:
+        env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    command = [sys.executable, __file__, "--phase", phase, "--repeats", str(args.repeats), "--sizes", *map(str, args.sizes)]
+    output = subprocess.run(command, env=env, check=True, stdout=subprocess.PIPE, text=True).stdout
+    return json.loads(output)
+
+
+def table(results: dict, sizes, repeats: int) -> str:
+    params = results["memory"]["parameters"]
+    names = list(params)
+    lines = [f"batch 1, random weights, {torch.get_num_threads()} threads, median of {repeats}; parameters: "
              + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in params.items()), "",
-             "| image | RWKV-SAM small | attention small | SAM ViT-B | attention / RWKV | ViT-B / RWKV | peak: RWKV | attention | ViT-B |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for row in rows:
-        def get(name, key):
-            return row[name][key] if name in row else None
+             "| image | allocator | RWKV-SAM small | attention small | SAM ViT-B | attention / RWKV | ViT-B / RWKV |",
+             "|---|---|---|---|---|---|---|"]
 
-        def fmt_s(v):
-            return "—" if v is None else f"{v:.2f} s"
+    def fmt_s(row, name):
+        return "—" if name not in row else f"{row[name]:.2f} s"
 
-        def fmt_m(v):
-            return "—" if v is None else f"{v:.0f} MiB"
+    def ratio(row, name):
+        return "—" if name not in row else f"**{row[name] / row['RWKV-SAM small']:.2f}x**"
 
-        def ratio(name):
-            return "—" if name not in row else f"**{row[name]['seconds'] / row['RWKV-SAM small']['seconds']:.2f}x**"
+    for size in sizes:
+        for allocator in ALLOCATORS:
+            row = results[f"time-{allocator}"]["rows"][str(size)]
+            lines.append(f"| {size} px | {allocator} | {fmt_s(row, 'RWKV-SAM small')} | {fmt_s(row, 'attention small')} | "
+                         f"{fmt_s(row, 'SAM ViT-B')} | {ratio(row, 'attention small')} | {ratio(row, 'SAM ViT-B')} |")
+    lines += ["", "| image | peak memory: " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for size in sizes:
+        row = results["memory"]["rows"][str(size)]
+        lines.append(f"| {size} px | " + " | ".join("—" if name not in row or row[name] is None else f"{row[name]:.0f} MiB" for name in names) + " |")
+    return "\n".join(lines)
 
-        lines.append(f"| {row['size']} px | {fmt_s(get('RWKV-SAM small', 'seconds'))} | {fmt_s(get('attention small', 'seconds'))} | "
-                     f"{fmt_s(get('SAM ViT-B', 'seconds'))} | {ratio('attention small')} | {ratio('SAM ViT-B')} | "
-                     f"{fmt_m(get('RWKV-SAM small', 'peak_mib'))} | {fmt_m(get('attention small', 'peak_mib'))} | "
-                     f"{fmt_m(get('SAM ViT-B', 'peak_mib'))} |")
-    table = "\n".join(lines)
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--markdown", type=Path, default=None)
+    parser.add_argument("--phase", choices=["time-default", "time-tuned", "memory"], default=None,
+                        help=argparse.SUPPRESS)  # internal: one measurement in a child process
+    args = parser.parse_args(argv)
+    if args.phase is not None:
+        print(json.dumps(measure(args.phase, args.sizes, args.repeats)))
+        return 0
+    results = {phase: run_phase(phase, args) for phase in ("time-default", "time-tuned", "memory")}
+    text = table(results, args.sizes, args.repeats)
     print()
-    print(table)
+    print(text)
     if args.json:
-        args.json.write_text(json.dumps({"command": "python benchmarks/sam_encoder.py", "parameters": params, "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"command": "python benchmarks/sam_encoder.py", **results}, indent=2))
     if args.markdown:
-        args.markdown.write_text(table + "\n")
+        args.markdown.write_text(text + "\n")
     return 0
 
 

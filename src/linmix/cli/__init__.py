@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import typer
@@ -34,6 +35,12 @@ def _click_exceptions():
 
 
 def main(argv: list[str] | None = None) -> int:
+    if os.environ.get("LINMIX_DEFAULT_MALLOC") != "1":
+        # Reuse freed tensor buffers instead of page-faulting fresh ones (about 2x on the SAM encoders
+        # at 1024 px on CPU); see linmix.utils.memory.tune_cpu_allocator.
+        from linmix.utils.memory import tune_cpu_allocator
+
+        tune_cpu_allocator()
     click = _click_exceptions()
     no_args_is_help = getattr(click, "NoArgsIsHelpError", ())  # click >= 8.2
     aborts = (typer.Abort, KeyboardInterrupt) + ((click.Abort,) if hasattr(click, "Abort") else ())
