@@ -274,3 +274,43 @@ def test_variant_widths():
         encoder = RwkvSamImageEncoder("small")
     neck = sum(p.numel() for p in encoder.neck.parameters())
     assert neck == 384 * 256 + 2 * 256 + 256 * 256 * 9 + 2 * 256
+
+
+# --------------------------------------------------------------------------------------------------
+# conv + GELU fused for CPU inference
+
+
+@pytest.mark.parametrize(
+    "conv, channels_last",
+    [
+        (torch.nn.Conv2d(16, 64, 1), False),  # MBConv expand
+        (torch.nn.Conv2d(64, 64, 3, stride=2, padding=1, groups=64), True),  # depthwise, strided
+        (torch.nn.Conv2d(16, 32, 3, padding=1, bias=False), True),
+    ],
+)
+def test_conv2d_gelu_fused_equals_conv_then_gelu(conv, channels_last):
+    from linmix.sam.common import _can_fuse, conv2d_gelu
+
+    torch.manual_seed(0)
+    x = torch.randn(2, conv.in_channels, 33, 20)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert _can_fuse(x, conv) == torch.backends.mkldnn.is_available()
+        torch.testing.assert_close(conv2d_gelu(x, conv), F.gelu(conv(x)), rtol=1e-5, atol=1e-6)
+    # With gradients the plain two-op form runs, so training is unchanged.
+    assert not _can_fuse(x.requires_grad_(), conv)
+    conv2d_gelu(x, conv).sum().backward()
+    assert x.grad is not None and conv.weight.grad is not None
+
+
+def test_encoder_inference_with_fused_convs_equals_the_plain_form(monkeypatch):
+    torch.manual_seed(0)
+    encoder = RwkvSamImageEncoder("tiny", "rwkv").eval()
+    image = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        fused = encoder(image)
+        monkeypatch.setattr("linmix.sam.common._FUSED_CONV", None)
+        plain = encoder(image)
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -37,7 +37,7 @@ from torch.utils.checkpoint import checkpoint
 from linmix.ops._checks import require_positive_int, require_shape, tracing_or_exporting
 from linmix.layers.rwkv import rwkv_fancy_init
 from linmix.ops.wkv import bi_wkv
-from linmix.sam.common import LayerNorm2d  # SAM's channels-first LayerNorm (eps 1e-6), shared with the decoder
+from linmix.sam.common import LayerNorm2d, conv2d_gelu  # SAM's channels-first LayerNorm (eps 1e-6), shared with the decoder
 
 __all__ = [
     "BACKBONE_VARIANTS",
@@ -181,8 +181,8 @@ class MBConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = self.shortcut_proj(self.shortcut_pool(x))
-        x = F.gelu(self.conv1_1x1(self.pre_norm(x)))
-        x = F.gelu(self.conv2_kxk(x))
+        x = conv2d_gelu(self.pre_norm(x), self.conv1_1x1)
+        x = conv2d_gelu(x, self.conv2_kxk)
         return self.drop_path(self.conv3_1x1(x)) + shortcut
 
 
