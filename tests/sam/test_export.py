@@ -71,6 +71,19 @@ def test_image_encoder_export_full_tiny(tmp_path):
     _check_encoder(model.image_encoder, path, 256)
 
 
+def test_image_encoder_export_includes_position_in_embedding(tmp_path):
+    """A model built with position_in_embedding exports the embedding RwkvSam.get_image_features gives."""
+    torch.manual_seed(0)
+    model = build_rwkv_sam("tiny", image_size=64, position_in_embedding=True)
+    model.image_encoder.backbone.blocks = model.image_encoder.backbone.blocks[:1]
+    path = export_image_encoder_onnx(model, tmp_path / "encoder.onnx", image_size=64, optimize=False)
+    image = torch.randn(1, 3, 64, 64)
+    embedding = _session(path).run(["image_embeddings"], {"image": image.numpy()})[0]
+    with torch.no_grad():
+        expected = model.get_image_features(image).embedding
+    assert _relative_max_error(embedding, expected) <= TOLERANCE
+
+
 def test_image_encoder_export_rejects_bad_size(tmp_path):
     encoder = RwkvSamImageEncoder("tiny")
     with pytest.raises(ValueError, match="multiple of 16"):

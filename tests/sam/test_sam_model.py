@@ -239,6 +239,28 @@ def test_safetensors_round_trip_tiny(tmp_path):
         load_rwkv_sam_weights(original, garbage)
 
 
+def test_position_in_embedding_adds_the_dense_positional_encoding(tmp_path):
+    torch.manual_seed(6)
+    plain = build_rwkv_sam("tiny", image_size=64)
+    placed = build_rwkv_sam("tiny", image_size=64, position_in_embedding=True)
+    placed.load_state_dict(plain.state_dict())
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        without, with_position = plain.get_image_features(images), placed.get_image_features(images)
+    torch.testing.assert_close(with_position.embedding, without.embedding + plain.prompt_encoder.get_dense_pe())
+    for a, b in zip(with_position.hq_features, without.hq_features):
+        torch.testing.assert_close(a, b)
+
+    # The setting travels in the file's metadata and a contradicting request is refused.
+    path = tmp_path / "placed.safetensors"
+    save_rwkv_sam(placed, path)
+    assert build_rwkv_sam("tiny", checkpoint=path).position_in_embedding
+    with pytest.raises(ValueError, match="position_in_embedding=true, not False"):
+        build_rwkv_sam("tiny", checkpoint=path, position_in_embedding=False)
+    save_rwkv_sam(plain, tmp_path / "plain.safetensors")
+    assert not build_rwkv_sam("tiny", checkpoint=tmp_path / "plain.safetensors").position_in_embedding
+
+
 # A SAM-format checkpoint written from the spec's key list (the minimal construction of
 # tests/sam/test_sam_convert.py: full-size prompt encoder and mask decoder, one image-encoder key).
 

@@ -63,6 +63,11 @@ def train_command(
     sam_checkpoint: Optional[Path] = typer.Option(None, "--sam-checkpoint", help="Official SAM .pth to initialise the prompt encoder and mask decoder."),
     teacher_checkpoint: Optional[Path] = typer.Option(None, "--teacher", help="Stage 1: official SAM .pth whose ViT encoder is the teacher (run on the fly)."),
     teacher_features: Optional[Path] = typer.Option(None, "--teacher-features", help="Stage 1: a `linmix sam dump-teacher` folder."),
+    position_in_embedding: Optional[bool] = typer.Option(
+        None, "--position-in-embedding/--no-position-in-embedding",
+        help="Add the prompt encoder's positional encoding to the image embedding (default: the --init "
+             "checkpoint's setting, else on for fine-tuning from scratch, off for --stage distill or with "
+             "--sam-checkpoint; a model trained from scratch needs it to place masks at the prompt)."),
     save_every: int = typer.Option(50, "--save-every"),
     log_every: int = typer.Option(10, "--log-every"),
     keep_checkpoints: int = typer.Option(2, "--keep-checkpoints"),
@@ -85,7 +90,8 @@ def train_command(
         init_checkpoint=str(init_checkpoint) if init_checkpoint else None,
         sam_checkpoint=str(sam_checkpoint) if sam_checkpoint else None,
         teacher_checkpoint=str(teacher_checkpoint) if teacher_checkpoint else None,
-        teacher_features=str(teacher_features) if teacher_features else None, threads=threads,
+        teacher_features=str(teacher_features) if teacher_features else None,
+        position_in_embedding=position_in_embedding, threads=threads,
     )
     train_config = TrainConfig(
         out_dir=str(out), max_steps=steps, lr=lr, min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps,

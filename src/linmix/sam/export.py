@@ -54,15 +54,20 @@ def _image_encoder_of(model: nn.Module) -> nn.Module:
 
 
 class ImageEncoderOnnxModel(nn.Module):
-    """``image [B, 3, S, S]`` -> ``(image_embeddings, stage1, stage2)`` as a plain tuple (for export)."""
+    """``image [B, 3, S, S]`` -> ``(image_embeddings, stage1, stage2)`` as a plain tuple (for export).
 
-    def __init__(self, image_encoder: nn.Module):
+    ``position``: ``[1, 256, S/16, S/16]`` added to the embedding, for a model built with
+    ``position_in_embedding`` (so the ONNX embedding equals :meth:`RwkvSam.get_image_features`'s)."""
+
+    def __init__(self, image_encoder: nn.Module, position: torch.Tensor | None = None):
         super().__init__()
         self.image_encoder = image_encoder
+        self.register_buffer("position", position, persistent=False)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         output = self.image_encoder(image)
-        return output.embedding, output.stage1, output.stage2
+        embedding = output.embedding if self.position is None else output.embedding + self.position.to(output.embedding.dtype)
+        return embedding, output.stage1, output.stage2
 
 
 class SamDecoderOnnxModel(nn.Module):
@@ -165,7 +170,12 @@ def export_image_encoder_onnx(
     """
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0 or image_size % 16:
         raise ValueError(f"image_size must be a positive multiple of 16, got {image_size!r}")
-    encoder = ImageEncoderOnnxModel(_image_encoder_of(model)).eval()
+    position = None
+    if getattr(model, "position_in_embedding", False):
+        grid = image_size // 16
+        with torch.no_grad():
+            position = model.prompt_encoder.pe_layer((grid, grid)).unsqueeze(0)
+    encoder = ImageEncoderOnnxModel(_image_encoder_of(model), position).eval()
     parameter = next(encoder.parameters())
     image = torch.zeros(1, 3, image_size, image_size, dtype=torch.float32, device=parameter.device)
     return _export(

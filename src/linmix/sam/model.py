@@ -82,6 +82,13 @@ class RwkvSam(nn.Module):
             input size ``image_size`` (1024).
         mask_decoder: :class:`MaskDecoder`; with ``hq_fusion`` it also receives stage1 / stage2.
         pixel_mean, pixel_std: per-channel RGB normalisation, in 0-255 units (SAM's ImageNet values).
+        position_in_embedding: add the prompt encoder's dense positional encoding to the image
+            embedding (a linmix addition, off for the paper's model). The conv + RWKV encoder has no
+            position embedding and the decoder's attention alone cannot draw a mask at a prompted
+            place: the mask is ``hypernetwork(token) . upscaled image features``, so it can only vary
+            with position where the features do. SAM's ViT features carry position, and RWKV-SAM
+            learns them by distilling SAM; a model trained from scratch without a SAM teacher needs
+            this (without it, it learns one prompt-independent mask per image).
     """
 
     mask_threshold: float = 0.0
@@ -95,6 +102,7 @@ class RwkvSam(nn.Module):
         mask_decoder: MaskDecoder,
         pixel_mean: Sequence[float] = (123.675, 116.28, 103.53),
         pixel_std: Sequence[float] = (58.395, 57.12, 57.375),
+        position_in_embedding: bool = False,
     ):
         super().__init__()
         if len(pixel_mean) != 3 or len(pixel_std) != 3:
@@ -108,6 +116,7 @@ class RwkvSam(nn.Module):
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
         self.image_size = int(height)
+        self.position_in_embedding = bool(position_in_embedding)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), persistent=False)
 
@@ -163,7 +172,10 @@ class RwkvSam(nn.Module):
             )
         output = self.image_encoder(images)
         hq = (output.stage1, output.stage2) if getattr(self.mask_decoder, "hq_fusion", False) else None
-        return ImageFeatures(output.embedding, hq)
+        embedding = output.embedding
+        if self.position_in_embedding:
+            embedding = embedding + self.prompt_encoder.get_dense_pe().to(embedding.dtype)
+        return ImageFeatures(embedding, hq)
 
     def decode(
         self,
@@ -250,7 +262,7 @@ def save_rwkv_sam(
 ) -> None:
     """Write the whole model's state dict to one safetensors file (loadable with ``checkpoint=``).
 
-    The file's metadata records ``variant``, ``token_mixer`` and ``image_size`` (when the model was
+    The file's metadata records ``variant``, ``token_mixer``, ``image_size`` and ``position_in_embedding`` (when the model was
     built by :func:`build_rwkv_sam`) so ``build_rwkv_sam(variant, checkpoint=path)`` rebuilds the same
     model. ``dtype`` (e.g. ``torch.float16``) casts floating tensors to halve the file; loading casts
     them back to the model's dtype.
@@ -263,7 +275,8 @@ def save_rwkv_sam(
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         state[name] = tensor.contiguous()
-    metadata = {"format": "pt", "model": "linmix.RwkvSam", "image_size": str(model.image_size)}
+    metadata = {"format": "pt", "model": "linmix.RwkvSam", "image_size": str(model.image_size),
+                "position_in_embedding": str(bool(getattr(model, "position_in_embedding", False))).lower()}
     if getattr(model, "variant", None) is not None:
         metadata["variant"] = str(model.variant)
     token_mixer = getattr(getattr(model.image_encoder, "backbone", None), "token_mixer", None)
@@ -328,6 +341,7 @@ def build_rwkv_sam(
     token_mixer: str | None = None,
     sam_checkpoint: str | PathLike[str] | None = None,
     image_size: int | None = None,
+    position_in_embedding: bool | None = None,
 ) -> RwkvSam:
     """An RWKV-SAM model, in evaluation mode.
 
@@ -342,6 +356,8 @@ def build_rwkv_sam(
         image_size: side of the square model input, a multiple of 16 (1024 as SAM; smaller sizes such as
             256 make a model for CPU training); the embedding grid is image_size / 16 and the mask
             logits 4x that. Default: the checkpoint's (from its metadata), else 1024.
+        position_in_embedding: see :class:`RwkvSam` (for models trained from scratch without a SAM
+            teacher). Default: the checkpoint's (from its metadata), else False.
     """
     if variant not in BACKBONE_VARIANTS:
         raise ValueError(f"variant must be one of {sorted(BACKBONE_VARIANTS)}, got {variant!r}")
@@ -356,6 +372,13 @@ def build_rwkv_sam(
         raise ValueError(f"{checkpoint} holds a token_mixer={metadata['token_mixer']!r} model, not {token_mixer!r}")
     if image_size is None:
         image_size = int(metadata.get("image_size", IMAGE_SIZE))
+    stored_position = metadata.get("position_in_embedding")
+    if stored_position not in (None, "true", "false"):
+        raise ValueError(f"{checkpoint} has position_in_embedding metadata {stored_position!r}; expected 'true' or 'false'")
+    if position_in_embedding is None:
+        position_in_embedding = stored_position == "true"
+    elif stored_position is not None and (stored_position == "true") != bool(position_in_embedding):
+        raise ValueError(f"{checkpoint} was trained with position_in_embedding={stored_position}, not {bool(position_in_embedding)}")
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0 or image_size % PATCH_SIZE:
         raise ValueError(f"image_size must be a positive multiple of {PATCH_SIZE}, got {image_size!r}")
     grid = image_size // PATCH_SIZE
@@ -379,6 +402,7 @@ def build_rwkv_sam(
             stage1_channels=stage1_channels,
             stage2_channels=stage2_channels,
         ),
+        position_in_embedding=bool(position_in_embedding),
     )
     model.variant = variant
     if sam_checkpoint is not None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -152,7 +152,7 @@ class SamTrainingModule(nn.Module):
 
     def _distill(self, batch):
         images = batch["images"]
-        student = self.sam.image_encoder(images).embedding
+        student = self.sam.get_image_features(images).embedding
         if "teacher" in batch:
             teacher = batch["teacher"]
         elif self._teacher:
@@ -269,6 +269,9 @@ class SamTrainConfig:
     sam_checkpoint: str | None = None
     teacher_checkpoint: str | None = None
     teacher_features: str | None = None
+    # None: see resolve_position_in_embedding (on when fine-tuning from scratch: without a SAM
+    # teacher the encoder has no other source of position, see RwkvSam).
+    position_in_embedding: bool | None = None
     threads: int = 0  # 0: torch's default
 
     def __post_init__(self) -> None:
@@ -292,6 +295,21 @@ class SamTrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SamTrainConfig:
         return cls(**data)
+
+
+def resolve_position_in_embedding(config: SamTrainConfig) -> bool:
+    """``config.position_in_embedding``, or when None: the init checkpoint's metadata if it says, else
+    True for fine-tuning from scratch, False for distillation (the teacher's embedding carries
+    position) or when SAM's prompt encoder / decoder initialise the model (they expect SAM's embedding)."""
+    if config.position_in_embedding is not None:
+        return bool(config.position_in_embedding)
+    if config.init_checkpoint is not None:
+        from linmix.sam.model import checkpoint_metadata
+
+        stored = checkpoint_metadata(config.init_checkpoint).get("position_in_embedding")
+        if stored is not None:
+            return stored == "true"
+    return config.sam_checkpoint is None and config.stage != "distill"
 
 
 def _init_stem_bias(sam: RwkvSam) -> None:
@@ -329,7 +347,7 @@ def build_training(config: SamTrainConfig, train_config):
 
     torch.manual_seed(train_config.seed)
     sam = build_rwkv_sam(config.variant, token_mixer=config.token_mixer, image_size=config.image_size,
-                         sam_checkpoint=config.sam_checkpoint)
+                         sam_checkpoint=config.sam_checkpoint, position_in_embedding=resolve_position_in_embedding(config))
     if config.init_checkpoint is not None:
         from linmix.sam.model import load_rwkv_sam_weights
 
@@ -382,6 +400,8 @@ def train_sam(config: SamTrainConfig, train_config) -> dict[str, Any]:
 
     if config.threads:
         torch.set_num_threads(config.threads)
+    # Record the resolved setting so export and resume never re-derive it from files that may move.
+    config = replace(config, position_in_embedding=resolve_position_in_embedding(config))
     module, batches = build_training(config, train_config)
     out_dir = Path(train_config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -419,7 +439,9 @@ def export_checkpoint(
     if folder is None:
         raise FileNotFoundError(f"no checkpoint under {run_dir / 'checkpoints'}")
     model_state, trainer_state = load_checkpoint(folder)
-    sam = build_rwkv_sam(config.variant, token_mixer=config.token_mixer, image_size=config.image_size)
+    # A run config without the setting predates it: those models were trained without position.
+    sam = build_rwkv_sam(config.variant, token_mixer=config.token_mixer, image_size=config.image_size,
+                         position_in_embedding=bool(config.position_in_embedding))
     prefix = "sam."
     state = {key[len(prefix):]: value for key, value in model_state.items() if key.startswith(prefix)}
     sam.load_state_dict(state, strict=True)
