@@ -28,8 +28,8 @@ def tune_cpu_allocator(mmap_threshold: int = 1 << 30, trim_threshold: int = 1 <<
     Buffers up to ``mmap_threshold`` bytes come from the heap, freed memory is returned to the OS only
     beyond ``trim_threshold`` (mallopt takes an int: at most 2 GiB), and the heap grows ``top_pad``
     bytes at a time. Measured on the 2-core project machine (docs/benchmarks.md): RWKV-SAM small's
-    image encoder 3.29 -> 2.39 s at 1024 px and 19.3 -> 10.8 s at 2048 px. The cost: the process keeps its peak heap resident after the
-    peak. Returns True when applied (also when already applied), False where glibc is not available.
+    image encoder 3.34 -> 2.45 s at 1024 px and 14.8 -> 8.6 s at 2048 px. The cost: the process keeps
+    its peak heap resident after the peak. Returns True when applied (also when already applied), False where glibc is not available.
     Process-wide and idempotent; the ``linmix`` CLI calls it unless ``LINMIX_DEFAULT_MALLOC=1``.
     """
     global _TUNED
