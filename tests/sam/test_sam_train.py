@@ -22,6 +22,7 @@ from linmix.cli import main
 from linmix.sam.data import ProceduralHQDataset, PromptBatchSource
 from linmix.sam.model import build_rwkv_sam, checkpoint_metadata, save_rwkv_sam
 from linmix.sam.train import (
+    PromptWarmup,
     SamTrainConfig,
     SamTrainingModule,
     _mask_iou,
@@ -167,6 +168,34 @@ def test_decoder_learns_to_place_a_box_mask_with_position_in_embedding():
     assert np.mean(ious[-10:]) > 0.45, ious[-10:]
 
 
+def test_prompt_warmup_turns_every_prompt_into_its_filled_box_then_steps_aside():
+    source = PromptBatchSource(ProceduralHQDataset(2), batch_size=4, image_size=64, prompts_per_image=2)
+    warmup = PromptWarmup(source, steps=3)
+    for step in (0, 2):
+        plain, batch = source.get(step, 0, 0, 1), warmup.get(step, 0, 0, 1)
+        assert batch["is_box"].all() and torch.equal(batch["images"], plain["images"])
+        for image in range(4):
+            for k in range(2):
+                box = batch["boxes"][image, k]
+                if plain["is_box"][image]:  # box prompts keep their (noisy) box
+                    assert torch.equal(box, plain["boxes"][image, k])
+                else:  # point prompts get the tight box of their object
+                    ys, xs = torch.nonzero(plain["masks"][image, k] > 0.5, as_tuple=True)
+                    assert box.tolist() == [xs.min(), ys.min(), xs.max(), ys.max()]
+                x0, y0 = int(np.ceil(box[0])), int(np.ceil(box[1]))
+                x1, y1 = int(np.floor(box[2])), int(np.floor(box[3]))
+                expected = torch.zeros(64, 64)
+                expected[y0 : y1 + 1, x0 : x1 + 1] = 1
+                assert torch.equal(batch["masks"][image, k], expected)
+    after = warmup.get(3, 0, 0, 1)
+    for key, value in source.get(3, 0, 0, 1).items():
+        assert torch.equal(after[key], value), key
+    with pytest.raises(ValueError, match="prompt_warmup_steps must be an int >= 0"):
+        SamTrainConfig(prompt_warmup_steps=-1)
+    with pytest.raises(ValueError, match="stage 'finetune' only"):
+        SamTrainConfig(stage="distill", teacher_features="t/", prompt_warmup_steps=5)
+
+
 def _strip_metadata(path: Path, key: str) -> Path:
     from safetensors.torch import load_file, save_file
 
@@ -184,7 +213,7 @@ def _strip_metadata(path: Path, key: str) -> Path:
 def test_cli_train_then_load_the_final_checkpoint(tmp_path):
     out = tmp_path / "run"
     code = main(["sam", "train", "--out", str(out), "--dataset", "procedural:0", "--steps", "2", "--save-every", "2",
-                 "--freeze", "prompt_encoder", *SMALL])
+                 "--freeze", "prompt_encoder", "--prompt-warmup-steps", "1", *SMALL])
     assert code == 0
     records = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in records if "loss" in r] == [1, 2]
@@ -193,7 +222,8 @@ def test_cli_train_then_load_the_final_checkpoint(tmp_path):
     assert metadata["variant"] == "tiny" and metadata["image_size"] == "32" and metadata["token_mixer"] == "rwkv"
     # Trained from scratch (no SAM decoder): position goes into the image embedding, and the file says so.
     assert metadata["position_in_embedding"] == "true"
-    assert json.loads((out / "sam_config.json").read_text())["position_in_embedding"] is True
+    run_config = json.loads((out / "sam_config.json").read_text())
+    assert run_config["position_in_embedding"] is True and run_config["prompt_warmup_steps"] == 1
     model = build_rwkv_sam("tiny", checkpoint=out / "final.safetensors")
     assert model.image_size == 32 and model.position_in_embedding
     # The frozen prompt encoder is bit-identical to its initialisation (same seed, same build).

@@ -68,6 +68,10 @@ def train_command(
         help="Add the prompt encoder's positional encoding to the image embedding (default: the --init "
              "checkpoint's setting, else on for fine-tuning from scratch, off for --stage distill or with "
              "--sam-checkpoint; a model trained from scratch needs it to place masks at the prompt)."),
+    prompt_warmup_steps: int = typer.Option(
+        0, "--prompt-warmup-steps",
+        help="Stage 2: for the first N steps every prompt is a box and its target is the filled box, so the "
+             "decoder learns to follow the prompt before it learns object masks (see docs/sam.md)."),
     save_every: int = typer.Option(50, "--save-every"),
     log_every: int = typer.Option(10, "--log-every"),
     keep_checkpoints: int = typer.Option(2, "--keep-checkpoints"),
@@ -91,7 +95,7 @@ def train_command(
         sam_checkpoint=str(sam_checkpoint) if sam_checkpoint else None,
         teacher_checkpoint=str(teacher_checkpoint) if teacher_checkpoint else None,
         teacher_features=str(teacher_features) if teacher_features else None,
-        position_in_embedding=position_in_embedding, threads=threads,
+        position_in_embedding=position_in_embedding, prompt_warmup_steps=prompt_warmup_steps, threads=threads,
     )
     train_config = TrainConfig(
         out_dir=str(out), max_steps=steps, lr=lr, min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps,

@@ -37,6 +37,8 @@ __all__ = [
     "SamTrainingModule",
     "dice_loss",
     "dump_teacher_features",
+    "PromptWarmup",
+    "box_rectangles",
     "export_checkpoint",
     "point_sample",
     "sample_uncertain_points",
@@ -272,6 +274,8 @@ class SamTrainConfig:
     # None: see resolve_position_in_embedding (on when fine-tuning from scratch: without a SAM
     # teacher the encoder has no other source of position, see RwkvSam).
     position_in_embedding: bool | None = None
+    # Stage 2: the first N steps teach the decoder to follow the prompt (see PromptWarmup).
+    prompt_warmup_steps: int = 0
     threads: int = 0  # 0: torch's default
 
     def __post_init__(self) -> None:
@@ -286,6 +290,10 @@ class SamTrainConfig:
             raise ValueError("stage 'distill' needs exactly one of teacher_checkpoint (SAM .pth) or teacher_features (a dump-teacher folder)")
         if self.batch_size < 1 or self.prompts_per_image < 1:
             raise ValueError("batch_size and prompts_per_image must be >= 1")
+        if isinstance(self.prompt_warmup_steps, bool) or not isinstance(self.prompt_warmup_steps, int) or self.prompt_warmup_steps < 0:
+            raise ValueError(f"prompt_warmup_steps must be an int >= 0, got {self.prompt_warmup_steps!r}")
+        if self.prompt_warmup_steps and self.stage != "finetune":
+            raise ValueError("prompt_warmup_steps applies to stage 'finetune' only")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -376,11 +384,52 @@ def build_training(config: SamTrainConfig, train_config):
         batches = PromptBatchSource(dataset, batch_size=config.batch_size, image_size=config.image_size,
                                     prompts_per_image=config.prompts_per_image, grad_accum=train_config.grad_accum,
                                     seed=train_config.seed, scale_range=config.scale_range)
+        if config.prompt_warmup_steps:
+            batches = PromptWarmup(batches, config.prompt_warmup_steps)
     _freeze(sam, config.freeze)
     teacher_size = getattr(teacher, "img_size", 1024) if teacher is not None else 1024
     module = SamTrainingModule(sam, stage=config.stage, teacher=teacher, teacher_image_size=teacher_size,
                                loss_points=config.loss_points, iou_loss_weight=config.iou_loss_weight)
     return module, batches
+
+
+def box_rectangles(boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Filled XYXY boxes ``[..., 4]`` (frame pixels, inclusive) -> float masks ``[..., size, size]``."""
+    coords = torch.arange(size, dtype=boxes.dtype, device=boxes.device)
+    inside_x = (coords >= boxes[..., 0, None]) & (coords <= boxes[..., 2, None])  # [..., size] over x
+    inside_y = (coords >= boxes[..., 1, None]) & (coords <= boxes[..., 3, None])
+    return (inside_y[..., :, None] & inside_x[..., None, :]).float()
+
+
+class PromptWarmup:
+    """Stage-2 batches whose first ``steps`` steps teach the decoder to follow the prompt.
+
+    A decoder trained from scratch on object masks settles within tens of steps on one
+    prompt-independent mask per image (the union of the drawn objects: IoU ~0.4), and the pathway
+    from prompt to mask never forms from there (docs/sam.md). So for ``step < steps`` every prompt
+    is a box and its target is that box, filled: a box-prompted object keeps its (noisy) box, a
+    point-prompted one gets the tight box of its mask. Later steps are the wrapped source's batches
+    unchanged. Like the source, a batch is a pure function of (step, micro-step, rank, world size).
+    """
+
+    def __init__(self, source, steps: int):
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, got {steps}")
+        self.source, self.steps = source, int(steps)
+
+    def get(self, step, micro_step, rank, world_size):
+        batch = self.source.get(step, micro_step, rank, world_size)
+        if step >= self.steps:
+            return batch
+        masks = batch["masks"]
+        boxes = batch["boxes"].clone()
+        points = ~batch["is_box"].bool()
+        for image in torch.nonzero(points).flatten().tolist():
+            for k in range(masks.shape[1]):
+                ys, xs = torch.nonzero(masks[image, k] > 0.5, as_tuple=True)
+                boxes[image, k] = torch.stack([xs.min(), ys.min(), xs.max(), ys.max()]).to(boxes.dtype)
+        return {**batch, "boxes": boxes, "masks": box_rectangles(boxes, masks.shape[-1]),
+                "is_box": torch.ones_like(batch["is_box"])}
 
 
 class _ImagesOnly:
