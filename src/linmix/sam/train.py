@@ -33,14 +33,15 @@ from linmix.sam.model import RwkvSam, build_rwkv_sam, save_rwkv_sam
 
 __all__ = [
     "FREEZABLE_PARTS",
+    "PromptWarmup",
     "SamTrainConfig",
     "SamTrainingModule",
+    "box_rectangles",
     "dice_loss",
     "dump_teacher_features",
-    "PromptWarmup",
-    "box_rectangles",
     "export_checkpoint",
     "point_sample",
+    "resolve_position_in_embedding",
     "sample_uncertain_points",
     "train_sam",
 ]
@@ -421,13 +422,14 @@ class PromptWarmup:
         batch = self.source.get(step, micro_step, rank, world_size)
         if step >= self.steps:
             return batch
+        from linmix.sam.data import tight_box
+
         masks = batch["masks"]
         boxes = batch["boxes"].clone()
         points = ~batch["is_box"].bool()
         for image in torch.nonzero(points).flatten().tolist():
             for k in range(masks.shape[1]):
-                ys, xs = torch.nonzero(masks[image, k] > 0.5, as_tuple=True)
-                boxes[image, k] = torch.stack([xs.min(), ys.min(), xs.max(), ys.max()]).to(boxes.dtype)
+                boxes[image, k] = torch.from_numpy(tight_box((masks[image, k] > 0.5).numpy())).to(boxes.dtype)
         return {**batch, "boxes": boxes, "masks": box_rectangles(boxes, masks.shape[-1]),
                 "is_box": torch.ones_like(batch["is_box"])}
 
