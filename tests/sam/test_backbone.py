@@ -314,3 +314,18 @@ def test_encoder_inference_with_fused_convs_equals_the_plain_form(monkeypatch):
         plain = encoder(image)
     for a, b in zip(fused, plain):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_backbone_gradients_stay_finite_on_a_zero_padded_frame():
+    """SAM pads frames with zeros; with a zero first-conv bias the stem's LayerNorm2d saw constant
+    channels there and the backbone's gradients overflowed to inf (checked: they do with the bias
+    zeroed). The stem's init prevents it."""
+    torch.manual_seed(0)
+    backbone = RwkvSamBackbone("tiny")
+    assert backbone.stem.conv1.bias.abs().max() > 0
+    frame = torch.zeros(1, 3, 128, 128)
+    frame[:, :, :80, :48] = torch.randn(1, 3, 80, 48)  # the image in the corner, zeros elsewhere
+    backbone(frame).tokens.square().mean().backward()
+    norms = torch.stack([p.grad.norm() for p in backbone.parameters() if p.grad is not None])
+    assert torch.isfinite(norms).all()
+    assert norms.max() < 1e3

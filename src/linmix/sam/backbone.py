@@ -137,7 +137,13 @@ def _init_conv(module: nn.Conv2d) -> None:
 
 
 class Stem(nn.Module):
-    """``[B, in, H, W] -> [B, out, H/2, W/2]``: conv3x3 s2 (bias) -> LayerNorm2d + GELU -> conv3x3 s1 (bias)."""
+    """``[B, in, H, W] -> [B, out, H/2, W/2]``: conv3x3 s2 (bias) -> LayerNorm2d + GELU -> conv3x3 s1 (bias).
+
+    The first conv's bias starts small and random (PyTorch's default uniform bound), not zero: SAM
+    frames are zero-padded, and with a zero bias every padded pixel gives LayerNorm2d exactly constant
+    channels, whose backward multiplies by 1 / sqrt(eps) = 1000; from-scratch training then sees stem
+    gradients near 1e22 and an infinite clipping norm. Any spread across channels bounds that factor.
+    """
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
@@ -146,6 +152,8 @@ class Stem(nn.Module):
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, stride=1, padding=1)
         for conv in (self.conv1, self.conv2):
             _init_conv(conv)
+        bound = 1.0 / math.sqrt(in_channels * 3 * 3)
+        nn.init.uniform_(self.conv1.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv2(F.gelu(self.norm1(self.conv1(x))))

@@ -321,21 +321,6 @@ def resolve_position_in_embedding(config: SamTrainConfig) -> bool:
     return config.sam_checkpoint is None and config.stage != "distill"
 
 
-def _init_stem_bias(sam: RwkvSam) -> None:
-    """Give the first conv a small random bias (PyTorch's default uniform init) before training from scratch.
-
-    With a zero bias, the zero-padded part of every frame makes the stem's LayerNorm2d see exactly
-    constant (zero) channels, whose backward multiplies by 1 / sqrt(eps) = 1000 per norm; the stem's
-    gradients then reach ~1e22 and the clipping norm overflows to inf (no step is ever taken). Any
-    spread across channels bounds that factor.
-    """
-    conv = sam.image_encoder.backbone.stem.conv1
-    if conv.bias is not None:
-        bound = 1.0 / (conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]) ** 0.5
-        with torch.no_grad():
-            conv.bias.uniform_(-bound, bound)
-
-
 def _freeze(sam: RwkvSam, parts: list[str]) -> None:
     modules = {
         "backbone": [sam.image_encoder.backbone],
@@ -361,8 +346,6 @@ def build_training(config: SamTrainConfig, train_config):
         from linmix.sam.model import load_rwkv_sam_weights
 
         load_rwkv_sam_weights(sam, config.init_checkpoint)
-    else:
-        _init_stem_bias(sam)
     teacher = None
     if config.stage == "distill":
         _freeze(sam, ["prompt_encoder", "mask_decoder"])
