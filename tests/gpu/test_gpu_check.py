@@ -3,25 +3,19 @@
 import importlib.util
 import json
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import load_benchmark
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton kernels are checked in the interpreter
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
 
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu_check")
 
 
 def test_tiny_run_measures_every_part(gpu_check, tmp_path, capsys):

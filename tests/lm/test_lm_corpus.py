@@ -1,19 +1,9 @@
 """The recall fixture builder of benchmarks/lm_corpus.py (the download itself needs the network)."""
-import importlib.util
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "lm_corpus.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("lm_corpus", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_benchmark
 
 
 def test_recall_records_ask_for_the_next_two_words_of_a_line_in_the_passage():
-    corpus = _load()
+    corpus = load_benchmark("lm_corpus")
     play = "\n".join(f"LINE{i}.\nword{i}a word{i}b word{i}c word{i}d word{i}e word{i}f word{i}g word{i}h\n"
                      for i in range(200))
     records = corpus.recall_records([play], n=20, seed=1)

@@ -3,25 +3,14 @@ input size allows (a large frame nearly exactly, a tiny one less well), and the 
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 
+from helpers import load_benchmark
 from linmix.sam.data import SegmentationSample
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "sam_mask_ceiling.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("sam_mask_ceiling", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_ceiling_is_near_perfect_for_a_large_blob_and_lower_for_a_thin_line():
-    ceiling = _load()
+    ceiling = load_benchmark("sam_mask_ceiling")
     ys, xs = np.mgrid[:128, :160]
     blob = ((ys - 64) ** 2 + (xs - 80) ** 2) < 40**2
     line = np.zeros((128, 160), dtype=bool)
@@ -34,7 +23,7 @@ def test_ceiling_is_near_perfect_for_a_large_blob_and_lower_for_a_thin_line():
 
 
 def test_script_prints_a_row_per_size(capsys):
-    ceiling = _load()
+    ceiling = load_benchmark("sam_mask_ceiling")
     assert ceiling.main(["--sizes", "64", "128", "--images", "2", "--stride", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     rows = [line for line in lines if line.startswith("| 64 px") or line.startswith("| 128 px")]
