@@ -162,9 +162,9 @@ def test_bi_wkv_auto_form_picks_one_shift_only_where_exact(monkeypatch):
     real = wkv_module.bi_wkv_one_shift
     monkeypatch.setattr(wkv_module, "bi_wkv_one_shift", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     w, u, k, v = _bi_inputs(50)
-    bi_wkv(w, u, k, v)  # Vision-RWKV decays: (T - 1) |w| <= 20
+    bi_wkv(w, u, k, v, backend="torch")  # Vision-RWKV decays: (T - 1) |w| <= 20
     assert calls == [1]
-    bi_wkv(w * 50, u, k, v, chunk_size=1)  # per-token |w| up to 20: only the chunked form is exact
+    bi_wkv(w * 50, u, k, v, chunk_size=1, backend="torch")  # per-token |w| up to 20: only the chunked form is exact
     assert calls == [1]
     with pytest.raises(ValueError, match="form must be one of"):
         bi_wkv(w, u, k, v, form="fast")

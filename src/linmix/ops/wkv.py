@@ -38,7 +38,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from linmix.ops import dispatch
+from linmix.ops import dispatch, native
 from linmix.ops._checks import (
     accumulation_dtype,
     require_positive_int,
@@ -180,6 +180,22 @@ def bi_wkv_reference(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch
 BI_WKV_FORMS = ("auto", "one_shift", "chunked")
 
 
+def _use_native(backend: str, form: str, w, u, k, v) -> bool:
+    """Whether :func:`bi_wkv` runs the C scan kernel (``w, u, k, v`` already in the compute dtype)."""
+    if backend == "torch" or form != "auto" or (backend == "auto" and dispatch.reference_forced()):
+        return False
+    reasons = native.ineligible(w, u, k, v)
+    if not reasons and not one_shift_applicable(w, u, k.shape[1]):
+        reasons.append("(T - 1) max|w| <= 20 and max|u| <= 60")
+    if backend == "native":
+        if reasons:
+            raise ValueError("backend='native' needs " + ", ".join(reasons))
+        if not native.available():
+            raise RuntimeError(f"backend='native' requested but the native CPU kernels are unavailable: {native.unavailable_reason()}")
+        return True
+    return not reasons and native.available()
+
+
 def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chunk_size: int = 64,
            backend: str = "auto", form: str = "auto") -> torch.Tensor:
     """Bidirectional WKV in O(T): w, u: [C]; k, v: [B, T, C] -> [B, T, C] (see the module docstring).
@@ -191,7 +207,9 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
     and tracing use; "auto" picks one-shift where it is exact and not tracing, chunked otherwise.
 
     ``backend``: "auto" (the Triton kernel of :mod:`linmix.ops.triton.bi_wkv` for CUDA tensors, see
-    :mod:`linmix.ops.dispatch`), "torch" (the form below) or "triton".
+    :mod:`linmix.ops.dispatch`; for fp32 / half CPU inputs outside autograd and tracing, the C scan
+    kernel of :mod:`linmix.ops.native` where it builds and one-shift is exact), "torch" (the forms
+    below), "triton" or "native" (forced; an error where it cannot run).
 
     Written with prefix / suffix sums only (cumsum, exp, max, where, no loop over time), so it is
     differentiable by autograd and exports to ONNX with a dynamic T.
@@ -219,9 +237,9 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
     """
     _check_wkv_inputs(w, u, k, v)
     require_positive_int("chunk_size", chunk_size)
-    dispatch.check_backend(backend, ("auto", "torch", "triton"))
+    dispatch.check_backend(backend, ("auto", "torch", "triton", "native"))
     eligible = torch.promote_types(k.dtype, v.dtype) != torch.float64  # fp64 stays on the torch path
-    if dispatch.use_triton(backend, w, u, k, v, eligible=eligible, why_not="fp32 or half-precision inputs"):
+    if backend != "native" and dispatch.use_triton(backend, w, u, k, v, eligible=eligible, why_not="fp32 or half-precision inputs"):
         from linmix.ops.triton.bi_wkv import bi_wkv_triton
 
         return bi_wkv_triton(w, u, k, v, chunk_size=chunk_size)
@@ -230,6 +248,8 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
     out_dtype, dtype = _compute_dtypes(k, v)
     w, u, k, v = (t.to(dtype) for t in (w, u, k, v))
     batch, length, channels = k.shape
+    if _use_native(backend, form, w, u, k, v):
+        return native.bi_wkv_native(w, u, k, v).to(out_dtype)
     if form == "one_shift" or (form == "auto" and not tracing_or_exporting(w, u, k, v) and one_shift_applicable(w, u, length)):
         return bi_wkv_one_shift(w, u, k, v, block_size=chunk_size).to(out_dtype)
     size = chunk_size

@@ -36,6 +36,7 @@ from torch.utils.checkpoint import checkpoint
 
 from linmix.ops._checks import require_positive_int, require_shape, tracing_or_exporting
 from linmix.layers.rwkv import rwkv_fancy_init
+from linmix.ops import native
 from linmix.ops.wkv import bi_wkv
 from linmix.sam.common import LayerNorm2d, conv2d_gelu  # SAM's channels-first LayerNorm (eps 1e-6), shared with the decoder
 
@@ -60,6 +61,7 @@ __all__ = [
     "VRWKVChannelMix",
     "VRWKVSpatialMix",
     "q_shift",
+    "shifted_mixes",
 ]
 
 PATCH_SIZE = 16  # total stride of the backbone: tokens and the embedding are H/16 x W/16
@@ -249,6 +251,18 @@ def q_shift(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return shifted.reshape(batch, length, channels)
 
 
+def shifted_mixes(x: torch.Tensor, height: int, width: int, *mixes: torch.Tensor) -> list[torch.Tensor]:
+    """``[torch.lerp(q_shift(x, height, width), x, mu) for mu in mixes]``, i.e. ``mu x + (1 - mu) shifted``.
+
+    In fp32 CPU inference this is one native pass (:func:`linmix.ops.native.q_shift_lerp_native`):
+    x is read once and the shifted map never materialised, instead of a shift plus one lerp per mix.
+    """
+    if native.usable(x, *mixes):
+        return list(native.q_shift_lerp_native(x, height, width, torch.stack(mixes)).unbind(0))
+    shifted = q_shift(x, height, width)
+    return [torch.lerp(shifted, x, mu) for mu in mixes]
+
+
 class VRWKVSpatialMix(nn.Module):
     """Vision-RWKV spatial mix: ``x [B, T, C], height, width -> [B, T, C]``.
 
@@ -290,14 +304,8 @@ class VRWKVSpatialMix(nn.Module):
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         _check_tokens(x, self.dim, height, width)
-        shifted = q_shift(x, height, width)
-
-        def interpolate(mu):
-            return torch.lerp(shifted, x, mu)  # mu x + (1 - mu) shifted, in one pass
-
-        k = self.key(interpolate(self.spatial_mix_k))
-        v = self.value(interpolate(self.spatial_mix_v))
-        r = self.receptance(interpolate(self.spatial_mix_r))
+        x_k, x_v, x_r = shifted_mixes(x, height, width, self.spatial_mix_k, self.spatial_mix_v, self.spatial_mix_r)
+        k, v, r = self.key(x_k), self.value(x_v), self.receptance(x_r)
         length = x.shape[1]
         wkv = bi_wkv(self.spatial_decay / length, self.spatial_first / length, k, v, chunk_size=self.wkv_chunk_size)
         return self.output(torch.sigmoid(r) * wkv.to(r.dtype))
@@ -333,9 +341,7 @@ class VRWKVChannelMix(nn.Module):
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         _check_tokens(x, self.dim, height, width)
-        shifted = q_shift(x, height, width)
-        x_k = torch.lerp(shifted, x, self.spatial_mix_k)  # mu x + (1 - mu) shifted
-        x_r = torch.lerp(shifted, x, self.spatial_mix_r)
+        x_k, x_r = shifted_mixes(x, height, width, self.spatial_mix_k, self.spatial_mix_r)
         return torch.sigmoid(self.receptance(x_r)) * self.value(torch.square(torch.relu(self.key(x_k))))
 
 

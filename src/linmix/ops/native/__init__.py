@@ -1,0 +1,258 @@
+"""Small C kernels for CPU inference, compiled on first use with the system's C compiler.
+
+PyTorch's eager CPU ops each make a full pass over memory; Bi-WKV in torch (the one-shift form)
+needs about twenty of them per call. Here it is two linear scans over time (forward, then backward)
+with running sums in double: one read of the keys' exponentials and the values per scan, one write.
+
+How it is built and loaded, and when it is not used:
+
+- The source ships with the package (``bi_wkv.c``). On first use it is compiled with ``cc -O3
+  -march=native`` into ``$LINMIX_CACHE_DIR`` (default ``~/.cache/linmix/kernels``, or the system's
+  temp dir when that is not writable), named by a hash of the source, flags, compiler and CPU, and
+  loaded with :mod:`ctypes`. Later processes reuse the library; a changed source or machine builds
+  a new one. The build takes well under a second.
+- No compiler or a failed build: :func:`available` is False and the callers take their torch path
+  (same values); :func:`unavailable_reason` says why. ``LINMIX_FORCE_REFERENCE=1`` makes the
+  callers' ``backend="auto"`` skip these kernels too.
+- Forward only: the callers use it for fp32 CPU tensors when autograd is not recording.
+
+Work is split across ``torch.get_num_threads()`` threads by channel slices; :mod:`ctypes` releases
+the GIL during each call, so the slices run in parallel.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import torch
+
+from linmix.ops import dispatch
+from linmix.ops._checks import tracing_or_exporting
+
+__all__ = ["available", "bi_wkv_native", "cache_dir", "ineligible", "library_path", "usable", "q_shift_lerp_native", "unavailable_reason"]
+
+CACHE_ENV = "LINMIX_CACHE_DIR"
+_SOURCES = ("bi_wkv.c", "q_shift.c")
+_FLAGS = ("-O3", "-march=native", "-std=c99", "-fPIC", "-shared") + (
+    ("-mprefer-vector-width=512",) if platform.machine().lower() in ("x86_64", "amd64") else ()  # full AVX-512 width where present
+)
+_MAX_SLICE = 2048  # channels per C call: bounds the kernel's running sums on the thread's stack
+_ALIGN = 16  # channel slices start on 64-byte boundaries (16 floats)
+_TIME_BLOCK = 64  # rows per block of the Bi-WKV scans: a block's rows and sums stay in L2
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept: ``$LINMIX_CACHE_DIR``, else ``$XDG_CACHE_HOME/linmix/kernels``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "linmix" / "kernels"
+
+
+def _compiler() -> str | None:
+    for candidate in (os.environ.get("CC"), sysconfig.get_config_var("CC"), "cc", "gcc", "clang"):
+        if candidate:
+            path = shutil.which(candidate.split()[0])
+            if path:
+                return path
+    return None
+
+
+def _cpu_signature() -> str:
+    """The CPU model and feature flags (``-march=native`` code is only valid on the same kind of CPU)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            lines = [line for line in f if line.startswith(("model name", "flags"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _build(compiler: str) -> Path:
+    source_dir = Path(__file__).parent
+    sources = [source_dir / name for name in _SOURCES]
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    digest = hashlib.sha256()
+    for part in [*(s.read_bytes() for s in sources), " ".join(_FLAGS).encode(), version.encode(),
+                 _cpu_signature().encode(), platform.machine().encode()]:
+        digest.update(part)
+        digest.update(b"\0")
+    name = f"linmix_kernels_{digest.hexdigest()[:16]}.so"
+    for directory in (cache_dir(), Path(tempfile.gettempdir()) / f"linmix-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}"):
+        target = directory / name
+        if target.exists():
+            return target
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if not os.access(directory, os.W_OK):
+            continue
+        # Build under a private name and rename: concurrent first uses never load a half-written file.
+        fd, partial = tempfile.mkstemp(prefix=name + ".", suffix=".partial", dir=directory)
+        os.close(fd)
+        try:
+            result = subprocess.run([compiler, *_FLAGS, *map(str, sources), "-o", partial, "-lm"],
+                                    capture_output=True, text=True, timeout=300)
+            if result.returncode != 0:
+                raise RuntimeError(f"{compiler} failed (exit {result.returncode}): {result.stderr.strip()[-2000:]}")
+            os.replace(partial, target)
+        finally:
+            if os.path.exists(partial):
+                os.unlink(partial)
+        return target
+    raise RuntimeError(f"no writable directory for compiled kernels (tried {cache_dir()} and the temp dir)")
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    if sys.platform == "win32":
+        return None, "the native CPU kernels are built with a POSIX C compiler; not on Windows"
+    compiler = _compiler()
+    if compiler is None:
+        return None, "no C compiler found (set CC, or install gcc / clang)"
+    try:
+        path = _build(compiler)
+        library = ctypes.CDLL(str(path))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        return None, f"building the native CPU kernels failed: {error}"
+    function = library.linmix_bi_wkv_f32
+    function.restype = ctypes.c_int
+    function.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5
+    function = library.linmix_q_shift_lerp_f32
+    function.restype = None
+    function.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 7
+    return library, ""
+
+
+def available() -> bool:
+    """Whether the native kernels can be used (compiled and loaded now if needed)."""
+    return _load()[0] is not None
+
+
+def unavailable_reason() -> str:
+    """Why :func:`available` is False ("" when it is True)."""
+    return _load()[1]
+
+
+def ineligible(*tensors: torch.Tensor) -> list[str]:
+    """What these inputs lack for the native kernels (empty when they qualify): fp32 CPU tensors,
+    autograd not recording (the kernels are forward only), eager mode (not tracing or exporting)."""
+    reasons = []
+    if not all(t.device.type == "cpu" for t in tensors):
+        reasons.append("CPU tensors")
+    if not all(t.dtype == torch.float32 for t in tensors):
+        reasons.append("fp32 inputs")
+    if dispatch.needs_autograd(*tensors):
+        reasons.append("no autograd (the kernel is forward only)")
+    if tracing_or_exporting(*tensors):
+        reasons.append("eager mode (not tracing or exporting)")
+    return reasons
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether a ``backend="auto"`` caller should run the native kernel on these inputs: they qualify
+    (:func:`ineligible` is empty), ``LINMIX_FORCE_REFERENCE`` is not set, and the kernels built."""
+    return not dispatch.reference_forced() and not ineligible(*tensors) and available()
+
+
+def library_path() -> str | None:
+    """Path of the loaded kernel library (None when unavailable)."""
+    library = _load()[0]
+    return None if library is None else library._name
+
+
+_pools: dict[tuple[int, int], concurrent.futures.ThreadPoolExecutor] = {}
+
+
+def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    """A pool of ``workers`` threads for this process (a forked child gets its own: threads do not survive fork)."""
+    key = (os.getpid(), workers)
+    if key not in _pools:
+        _pools[key] = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="linmix-native")
+    return _pools[key]
+
+
+def _channel_slices(channels: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` (or more, for wide inputs) contiguous channel ranges starting on 16-channel boundaries."""
+    parts = max(1, min(parts, -(-channels // _ALIGN)))
+    parts = max(parts, -(-channels // _MAX_SLICE))
+    step = -(-channels // parts)
+    step = -(-step // _ALIGN) * _ALIGN
+    return [(start, min(start + step, channels)) for start in range(0, channels, step)]
+
+
+def _run_parallel(calls: list) -> list:
+    """Run the kernel calls (each releases the GIL) on the pool; their return values in order."""
+    if len(calls) == 1:
+        return [calls[0]()]
+    pool = _pool(max(1, torch.get_num_threads()))
+    return [future.result() for future in [pool.submit(call) for call in calls]]
+
+
+def bi_wkv_native(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Bi-WKV (the sum of :func:`linmix.ops.wkv.bi_wkv_reference`) for fp32 CPU tensors, forward only.
+
+    ``w, u: [C]``, ``k, v: [B, T, C]`` -> ``[B, T, C]`` fp32. The caller checks shapes, dtypes and
+    device, and that ``(T - 1) max|w| <= 20`` (:func:`linmix.ops.wkv_one_shift.one_shift_applicable`),
+    which keeps every running sum within fp32 for the scratch rows. Keys may be ``-inf``; a channel
+    whose keys are all masked gives 0.
+    """
+    library = _load()[0]
+    if library is None:
+        raise RuntimeError(unavailable_reason())
+    batch, length, channels = k.shape
+    with torch.no_grad():
+        shift = k.amax(dim=1, keepdim=True).clamp_min(-1e38)  # finite for all-masked channels
+        weights = torch.sub(k, shift).exp_().contiguous()  # [B, T, C] in [0, 1]
+        v = v.contiguous()
+        decay = torch.exp(-w.to(torch.float64)).contiguous()
+        bonus = torch.exp(u.to(torch.float64)).contiguous()
+        y = torch.empty((batch, length, channels), dtype=torch.float32)
+    calls = []
+    for b in range(batch):
+        e_b, v_b, y_b = weights[b].data_ptr(), v[b].data_ptr(), y[b].data_ptr()
+        for c0, c1 in _channel_slices(channels, torch.get_num_threads()):
+            calls.append(functools.partial(library.linmix_bi_wkv_f32, e_b, v_b, decay.data_ptr(), bonus.data_ptr(),
+                                           y_b, length, channels, c0, c1, _TIME_BLOCK))
+    if any(status != 0 for status in _run_parallel(calls)):
+        raise MemoryError("bi_wkv_native: could not allocate the kernel's work buffers")
+    return y
+
+
+def q_shift_lerp_native(x: torch.Tensor, height: int, width: int, mixes: torch.Tensor) -> torch.Tensor:
+    """``torch.lerp(q_shift(x, height, width), x, mixes[i])`` for every row ``i`` of ``mixes``, in one pass.
+
+    ``x: [B, T, C]`` fp32 CPU with ``T = height * width``; ``mixes: [n, C]`` -> ``[n, B, T, C]`` (each
+    ``out[i]`` contiguous, ready for a linear layer). See :func:`linmix.sam.backbone.q_shift` for the
+    shift. Forward only; the caller checks shapes, dtype and device.
+    """
+    library = _load()[0]
+    if library is None:
+        raise RuntimeError(unavailable_reason())
+    batch, length, channels = x.shape
+    x = x.detach().contiguous()
+    mixes = mixes.detach().to(torch.float32).contiguous()
+    count = mixes.shape[0]
+    out = torch.empty((count, batch, length, channels), dtype=torch.float32)
+    parts = max(1, min(torch.get_num_threads(), length))
+    step = -(-length // parts)
+    calls = []
+    for b in range(batch):
+        x_b, out_b = x[b].data_ptr(), out[:, b].data_ptr()
+        for t0 in range(0, length, step):
+            calls.append(functools.partial(library.linmix_q_shift_lerp_f32, x_b, mixes.data_ptr(), out_b, count, height,
+                                           width, channels, t0, min(t0 + step, length), batch * length * channels))
+    _run_parallel(calls)
+    return out
