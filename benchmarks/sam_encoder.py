@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """Image-encoder latency and memory on CPU: RWKV-SAM small vs the same-scale attention backbone vs
-SAM ViT-B, batch 1, random weights, measured side by side (interleaved) in one run.
+SAM ViT-B, batch 1, random weights, measured side by side (interleaved) in one run. RWKV-SAM also
+runs a second time with linmix's native CPU kernels switched off (``LINMIX_FORCE_REFERENCE=1``,
+every op a PyTorch op), so the kernels' share of the gap is measured in the same run.
 
 Each measurement runs in its own child process: latency with glibc's default allocator settings,
 latency with :func:`linmix.utils.memory.tune_cpu_allocator` (what the ``linmix`` CLI uses), and peak
@@ -29,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from linmix.ops.dispatch import FORCE_REFERENCE_ENV
 from linmix.sam.backbone import RwkvSamImageEncoder
 from linmix.utils.memory import peak_memory_mib, tune_cpu_allocator
 
@@ -58,10 +61,35 @@ def sam_vit_b():
 ALLOCATORS = ("default", "tuned")
 
 
+class TorchOpsOnly(torch.nn.Module):
+    """The same model with linmix's native CPU kernels switched off (``LINMIX_FORCE_REFERENCE=1``
+    during the call): every op is a PyTorch op, as before the kernels existed."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image):
+        previous = os.environ.get(FORCE_REFERENCE_ENV)
+        os.environ[FORCE_REFERENCE_ENV] = "1"
+        try:
+            return self.model(image)
+        finally:
+            if previous is None:
+                del os.environ[FORCE_REFERENCE_ENV]
+            else:
+                os.environ[FORCE_REFERENCE_ENV] = previous
+
+
+TORCH_OPS = "RWKV-SAM small, torch ops"
+
+
 def build_models():
     torch.manual_seed(0)
+    rwkv = RwkvSamImageEncoder("small", "rwkv").eval()
     models = {
-        "RWKV-SAM small": RwkvSamImageEncoder("small", "rwkv").eval(),
+        "RWKV-SAM small": rwkv,
+        TORCH_OPS: TorchOpsOnly(rwkv),
         "attention small": RwkvSamImageEncoder("small", "attention").eval(),
     }
     vit = sam_vit_b()
@@ -116,24 +144,26 @@ def run_phase(phase: str, args) -> dict:
 
 
 def table(results: dict, sizes, repeats: int) -> str:
-    params = results["memory"]["parameters"]
-    names = list(params)
+    params = {k: v for k, v in results["memory"]["parameters"].items() if k != TORCH_OPS}  # same weights as RWKV-SAM small
+    names = list(results["memory"]["parameters"])
     lines = [f"batch 1, random weights, {torch.get_num_threads()} threads, median of {repeats}; parameters: "
              + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in params.items()), "",
-             "| image | allocator | RWKV-SAM small | attention small | SAM ViT-B | attention / RWKV | ViT-B / RWKV |",
-             "|---|---|---|---|---|---|---|"]
+             "| image | allocator | RWKV-SAM small | RWKV-SAM small, torch ops | attention small | SAM ViT-B "
+             "| attention / RWKV | attention / RWKV (torch ops) | ViT-B / RWKV |",
+             "|---|---|---|---|---|---|---|---|---|"]
 
     def fmt_s(row, name):
         return "—" if name not in row else f"{row[name]:.2f} s"
 
-    def ratio(row, name):
-        return "—" if name not in row else f"**{row[name] / row['RWKV-SAM small']:.2f}x**"
+    def ratio(row, name, base="RWKV-SAM small"):
+        return "—" if name not in row or base not in row else f"**{row[name] / row[base]:.2f}x**"
 
     for size in sizes:
         for allocator in ALLOCATORS:
             row = results[f"time-{allocator}"]["rows"][str(size)]
-            lines.append(f"| {size} px | {allocator} | {fmt_s(row, 'RWKV-SAM small')} | {fmt_s(row, 'attention small')} | "
-                         f"{fmt_s(row, 'SAM ViT-B')} | {ratio(row, 'attention small')} | {ratio(row, 'SAM ViT-B')} |")
+            lines.append(f"| {size} px | {allocator} | {fmt_s(row, 'RWKV-SAM small')} | {fmt_s(row, TORCH_OPS)} | "
+                         f"{fmt_s(row, 'attention small')} | {fmt_s(row, 'SAM ViT-B')} | {ratio(row, 'attention small')} | "
+                         f"{ratio(row, 'attention small', TORCH_OPS)} | {ratio(row, 'SAM ViT-B')} |")
     lines += ["", "| image | peak memory: " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for size in sizes:
         row = results["memory"]["rows"][str(size)]
@@ -144,7 +174,7 @@ def table(results: dict, sizes, repeats: int) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048])
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=None)
     parser.add_argument("--phase", choices=["time-default", "time-tuned", "memory"], default=None,

@@ -39,6 +39,32 @@ def test_bi_wkv_native_matches_the_fp64_oracle(length):
     assert_close_rms(y, _reference(w, u, k, v), 2e-6, f"T={length}")
 
 
+def test_bi_wkv_native_gate_is_sigmoid_times_the_sum():
+    w, u, k, v = _inputs(130, batch=2, channels=21, key_scale=2.0)
+    gate = 8 * torch.randn(k.shape, generator=torch.Generator().manual_seed(3))  # saturates both ways
+    y = native.bi_wkv_native(w, u, k, v, gate=gate)
+    assert_close_rms(y, torch.sigmoid(gate.double()) * _reference(w, u, k, v), 2e-6, "gated")
+
+
+def test_channel_mix_elementwise_kernels_match_torch():
+    generator = torch.Generator().manual_seed(4)
+    x = 5 * torch.randn(3, 50, 70, generator=generator)
+    x[0, 0, :3] = torch.tensor([0.0, -0.0, -1e-30])
+    expected = torch.square(torch.relu(x))
+    assert native.relu_square_(x) is x
+    torch.testing.assert_close(x, expected, rtol=0, atol=0)
+    gate = 30 * torch.randn(3, 50, 70, generator=generator)
+    gate[0, 0, :4] = torch.tensor([100.0, -100.0, 0.0, -88.0])
+    y = torch.randn(3, 50, 70, generator=generator)
+    expected = torch.sigmoid(gate) * y
+    native.sigmoid_mul_(y, gate)
+    torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-30)
+    with pytest.raises(ValueError, match="contiguous"):
+        native.relu_square_(torch.zeros(4, 6).t())
+    with pytest.raises(ValueError, match="same shape"):
+        native.sigmoid_mul_(torch.zeros(4), torch.zeros(5))
+
+
 def test_bi_wkv_native_masked_keys_and_all_masked_channels():
     w, u, k, v = _inputs(70, batch=1, channels=9)
     k[:, 5:40] = float("-inf")

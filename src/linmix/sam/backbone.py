@@ -38,6 +38,7 @@ from linmix.ops._checks import require_positive_int, require_shape, tracing_or_e
 from linmix.layers.rwkv import rwkv_fancy_init
 from linmix.ops import native
 from linmix.ops.wkv import bi_wkv
+from linmix.ops.wkv_one_shift import one_shift_applicable
 from linmix.sam.common import LayerNorm2d, conv2d_gelu  # SAM's channels-first LayerNorm (eps 1e-6), shared with the decoder
 
 __all__ = [
@@ -307,7 +308,10 @@ class VRWKVSpatialMix(nn.Module):
         x_k, x_v, x_r = shifted_mixes(x, height, width, self.spatial_mix_k, self.spatial_mix_v, self.spatial_mix_r)
         k, v, r = self.key(x_k), self.value(x_v), self.receptance(x_r)
         length = x.shape[1]
-        wkv = bi_wkv(self.spatial_decay / length, self.spatial_first / length, k, v, chunk_size=self.wkv_chunk_size)
+        decay, first = self.spatial_decay / length, self.spatial_first / length
+        if native.usable(decay, first, k, v, r) and one_shift_applicable(decay, first, length):
+            return self.output(native.bi_wkv_native(decay, first, k, v, gate=r))  # the gate in the same pass
+        wkv = bi_wkv(decay, first, k, v, chunk_size=self.wkv_chunk_size)
         return self.output(torch.sigmoid(r) * wkv.to(r.dtype))
 
 
@@ -342,7 +346,10 @@ class VRWKVChannelMix(nn.Module):
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         _check_tokens(x, self.dim, height, width)
         x_k, x_r = shifted_mixes(x, height, width, self.spatial_mix_k, self.spatial_mix_r)
-        return torch.sigmoid(self.receptance(x_r)) * self.value(torch.square(torch.relu(self.key(x_k))))
+        hidden, gate = self.key(x_k), self.receptance(x_r)
+        if native.usable(hidden, gate):  # in place, one pass each
+            return native.sigmoid_mul_(self.value(native.relu_square_(hidden)), gate)
+        return torch.sigmoid(gate) * self.value(torch.square(torch.relu(hidden)))
 
 
 class VRWKVBlock(nn.Module):

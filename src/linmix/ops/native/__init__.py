@@ -1,12 +1,17 @@
 """Small C kernels for CPU inference, compiled on first use with the system's C compiler.
 
-PyTorch's eager CPU ops each make a full pass over memory; Bi-WKV in torch (the one-shift form)
-needs about twenty of them per call. Here it is two linear scans over time (forward, then backward)
-with running sums in double: one read of the keys' exponentials and the values per scan, one write.
+PyTorch's eager CPU ops each make a full pass over memory, and the Vision-RWKV block is mostly such
+passes besides its GEMMs. Two kernels replace the heaviest:
+
+- :func:`bi_wkv_native`: Bi-WKV as linear scans over time with running sums in double, blocked so
+  that each block of rows is read from memory twice in all (``bi_wkv.c``), instead of about twenty
+  full passes of the torch one-shift form;
+- :func:`q_shift_lerp_native`: the quad-directional token shift and all its mixes
+  ``lerp(q_shift(x), x, mu_i)`` in one pass (``q_shift.c``), instead of a shift plus one pass per mix.
 
 How it is built and loaded, and when it is not used:
 
-- The source ships with the package (``bi_wkv.c``). On first use it is compiled with ``cc -O3
+- The sources ship with the package. On first use they are compiled with ``cc -O3
   -march=native`` into ``$LINMIX_CACHE_DIR`` (default ``~/.cache/linmix/kernels``, or the system's
   temp dir when that is not writable), named by a hash of the source, flags, compiler and CPU, and
   loaded with :mod:`ctypes`. Later processes reuse the library; a changed source or machine builds
@@ -16,8 +21,8 @@ How it is built and loaded, and when it is not used:
   callers' ``backend="auto"`` skip these kernels too.
 - Forward only: the callers use it for fp32 CPU tensors when autograd is not recording.
 
-Work is split across ``torch.get_num_threads()`` threads by channel slices; :mod:`ctypes` releases
-the GIL during each call, so the slices run in parallel.
+Work is split across ``torch.get_num_threads()`` threads (Bi-WKV by channel slices, the shift by
+token ranges); :mod:`ctypes` releases the GIL during each call, so the slices run in parallel.
 """
 
 from __future__ import annotations
@@ -40,14 +45,18 @@ import torch
 from linmix.ops import dispatch
 from linmix.ops._checks import tracing_or_exporting
 
-__all__ = ["available", "bi_wkv_native", "cache_dir", "ineligible", "library_path", "usable", "q_shift_lerp_native", "unavailable_reason"]
+__all__ = [
+    "available", "bi_wkv_native", "cache_dir", "ineligible", "library_path", "q_shift_lerp_native", "relu_square_",
+    "sigmoid_mul_", "unavailable_reason", "usable",
+]
 
 CACHE_ENV = "LINMIX_CACHE_DIR"
-_SOURCES = ("bi_wkv.c", "q_shift.c")
+_SOURCES = ("bi_wkv.c", "q_shift.c", "elementwise.c")
+_HEADERS = ("fast_math.h",)
 _FLAGS = ("-O3", "-march=native", "-std=c99", "-fPIC", "-shared") + (
     ("-mprefer-vector-width=512",) if platform.machine().lower() in ("x86_64", "amd64") else ()  # full AVX-512 width where present
 )
-_MAX_SLICE = 2048  # channels per C call: bounds the kernel's running sums on the thread's stack
+_MAX_SLICE = 2048  # channels per Bi-WKV call: bounds its work buffers
 _ALIGN = 16  # channel slices start on 64-byte boundaries (16 floats)
 _TIME_BLOCK = 64  # rows per block of the Bi-WKV scans: a block's rows and sums stay in L2
 
@@ -82,9 +91,10 @@ def _cpu_signature() -> str:
 def _build(compiler: str) -> Path:
     source_dir = Path(__file__).parent
     sources = [source_dir / name for name in _SOURCES]
+    headers = [source_dir / name for name in _HEADERS]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     digest = hashlib.sha256()
-    for part in [*(s.read_bytes() for s in sources), " ".join(_FLAGS).encode(), version.encode(),
+    for part in [*(f.read_bytes() for f in sources + headers), " ".join(_FLAGS).encode(), version.encode(),
                  _cpu_signature().encode(), platform.machine().encode()]:
         digest.update(part)
         digest.update(b"\0")
@@ -127,12 +137,16 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         library = ctypes.CDLL(str(path))
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         return None, f"building the native CPU kernels failed: {error}"
-    function = library.linmix_bi_wkv_f32
-    function.restype = ctypes.c_int
-    function.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5
-    function = library.linmix_q_shift_lerp_f32
-    function.restype = None
-    function.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 7
+    signatures = {  # name: (return type, pointer arguments, int64 arguments)
+        "linmix_bi_wkv_f32": (ctypes.c_int, 6, 5),
+        "linmix_q_shift_lerp_f32": (None, 3, 7),
+        "linmix_relu_square_f32": (None, 1, 2),
+        "linmix_sigmoid_mul_f32": (None, 2, 2),
+    }
+    for name, (restype, pointers, integers) in signatures.items():
+        function = getattr(library, name)
+        function.restype = restype
+        function.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_int64] * integers
     return library, ""
 
 
@@ -201,33 +215,67 @@ def _run_parallel(calls: list) -> list:
     return [future.result() for future in [pool.submit(call) for call in calls]]
 
 
-def bi_wkv_native(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def bi_wkv_native(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                  gate: torch.Tensor | None = None) -> torch.Tensor:
     """Bi-WKV (the sum of :func:`linmix.ops.wkv.bi_wkv_reference`) for fp32 CPU tensors, forward only.
 
-    ``w, u: [C]``, ``k, v: [B, T, C]`` -> ``[B, T, C]`` fp32. The caller checks shapes, dtypes and
-    device, and that ``(T - 1) max|w| <= 20`` (:func:`linmix.ops.wkv_one_shift.one_shift_applicable`),
-    which keeps every running sum within fp32 for the scratch rows. Keys may be ``-inf``; a channel
-    whose keys are all masked gives 0.
+    ``w, u: [C]``, ``k, v: [B, T, C]`` -> ``[B, T, C]`` fp32; with ``gate: [B, T, C]`` the result is
+    ``sigmoid(gate) * bi_wkv(...)`` (Vision-RWKV's receptance) in the same pass. The caller checks
+    shapes, dtypes and device, and that ``(T - 1) max|w| <= 20``
+    (:func:`linmix.ops.wkv_one_shift.one_shift_applicable`: the keys' exponentials are shifted once
+    per channel). Keys may be ``-inf``; a channel whose keys are all masked gives 0.
     """
+    library = _library()
+    batch, length, channels = k.shape
+    k, v = k.detach().contiguous(), v.detach().contiguous()
+    gate = None if gate is None else gate.detach().contiguous()
+    decay = torch.exp(-w.detach().to(torch.float64)).contiguous()
+    bonus = torch.exp(u.detach().to(torch.float64)).contiguous()
+    y = torch.empty((batch, length, channels), dtype=torch.float32)
+    calls = []
+    for b in range(batch):
+        gate_b = None if gate is None else gate[b].data_ptr()
+        for c0, c1 in _channel_slices(channels, torch.get_num_threads()):
+            calls.append(functools.partial(library.linmix_bi_wkv_f32, k[b].data_ptr(), v[b].data_ptr(), gate_b,
+                                           decay.data_ptr(), bonus.data_ptr(), y[b].data_ptr(), length, channels,
+                                           c0, c1, _TIME_BLOCK))
+    if any(status != 0 for status in _run_parallel(calls)):
+        raise MemoryError("bi_wkv_native: could not allocate the kernel's work buffers")
+    return y
+
+
+def _library() -> ctypes.CDLL:
     library = _load()[0]
     if library is None:
         raise RuntimeError(unavailable_reason())
-    batch, length, channels = k.shape
-    with torch.no_grad():
-        shift = k.amax(dim=1, keepdim=True).clamp_min(-1e38)  # finite for all-masked channels
-        weights = torch.sub(k, shift).exp_().contiguous()  # [B, T, C] in [0, 1]
-        v = v.contiguous()
-        decay = torch.exp(-w.to(torch.float64)).contiguous()
-        bonus = torch.exp(u.to(torch.float64)).contiguous()
-        y = torch.empty((batch, length, channels), dtype=torch.float32)
-    calls = []
-    for b in range(batch):
-        e_b, v_b, y_b = weights[b].data_ptr(), v[b].data_ptr(), y[b].data_ptr()
-        for c0, c1 in _channel_slices(channels, torch.get_num_threads()):
-            calls.append(functools.partial(library.linmix_bi_wkv_f32, e_b, v_b, decay.data_ptr(), bonus.data_ptr(),
-                                           y_b, length, channels, c0, c1, _TIME_BLOCK))
-    if any(status != 0 for status in _run_parallel(calls)):
-        raise MemoryError("bi_wkv_native: could not allocate the kernel's work buffers")
+    return library
+
+
+def _ranges(total: int) -> list[tuple[int, int]]:
+    """``total`` split into one contiguous range per thread (64-byte aligned starts)."""
+    parts = max(1, min(torch.get_num_threads(), total // 4096))  # small tensors: one call
+    per_part = -(-total // parts)
+    step = -(-per_part // _ALIGN) * _ALIGN
+    return [(start, min(start + step, total)) for start in range(0, total, step)]
+
+
+def relu_square_(x: torch.Tensor) -> torch.Tensor:
+    """``x = relu(x) ** 2`` in place, one pass (fp32 contiguous CPU ``x``; returns ``x``)."""
+    library = _library()
+    if not x.is_contiguous():
+        raise ValueError("relu_square_ needs a contiguous tensor")
+    _run_parallel([functools.partial(library.linmix_relu_square_f32, x.data_ptr(), a, b) for a, b in _ranges(x.numel())])
+    return x
+
+
+def sigmoid_mul_(y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``y = sigmoid(gate) * y`` in place, one pass (fp32 CPU, same shapes; returns ``y``)."""
+    library = _library()
+    if not y.is_contiguous() or gate.shape != y.shape:
+        raise ValueError(f"sigmoid_mul_ needs a contiguous y and a gate of the same shape, got {tuple(y.shape)} and {tuple(gate.shape)}")
+    gate = gate.detach().contiguous()
+    _run_parallel([functools.partial(library.linmix_sigmoid_mul_f32, gate.data_ptr(), y.data_ptr(), a, b)
+                   for a, b in _ranges(y.numel())])
     return y
 
 
@@ -238,9 +286,7 @@ def q_shift_lerp_native(x: torch.Tensor, height: int, width: int, mixes: torch.T
     ``out[i]`` contiguous, ready for a linear layer). See :func:`linmix.sam.backbone.q_shift` for the
     shift. Forward only; the caller checks shapes, dtype and device.
     """
-    library = _load()[0]
-    if library is None:
-        raise RuntimeError(unavailable_reason())
+    library = _library()
     batch, length, channels = x.shape
     x = x.detach().contiguous()
     mixes = mixes.detach().to(torch.float32).contiguous()
