@@ -68,4 +68,5 @@ def test_backend_choices():
         bi_wkv(w, u, k, v, backend="cuda")
     with pytest.raises(ValueError, match="backend='triton' needs"):
         bi_wkv(w.double(), u.double(), k.double(), v.double(), backend="triton")
-    assert torch.equal(bi_wkv(w, u, k, v), bi_wkv(w, u, k, v, backend="torch")) or k.is_cuda
+    if not k.is_cuda:  # auto on CPU never picks Triton (it picks the native C kernel, same values)
+        torch.testing.assert_close(bi_wkv(w, u, k, v), bi_wkv(w, u, k, v, backend="torch"), rtol=1e-5, atol=1e-6)
