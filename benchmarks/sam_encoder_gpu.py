@@ -8,6 +8,7 @@ both ways, side by side, in bf16 with random weights:
 
     python benchmarks/sam_encoder_gpu.py --json gpu_sam.json
     python benchmarks/sam_encoder_gpu.py --sizes 1024 --batches 1 --profile   # + top kernels
+    python benchmarks/sam_encoder_gpu.py --sizes 1024 --batches 1 --compile   # + torch.compile
 
 A capture that fails (a host sync inside the forward, say) is reported with its error, not hidden.
 On a machine without CUDA it runs eagerly on CPU in fp32 at toy sizes (``--tiny``, for the tests).
@@ -67,6 +68,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--tiny", action="store_true", help="toy sizes, fp32 on CPU when there is no GPU")
     parser.add_argument("--profile", action="store_true", help="also print the top ops of one RWKV-SAM call")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time torch.compile(mode='reduce-overhead') of each encoder (fused ops + CUDA graphs; compiles per shape)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -96,6 +99,17 @@ def main(argv=None) -> int:
                     except Exception as error:  # report why capture failed: it names the offending op
                         row[f"{label} graph"] = f"capture failed: {type(error).__name__}: {str(error)[:200]}"
                     torch.cuda.empty_cache()
+                if args.compile:
+                    try:
+                        compiled = torch.compile(encoder, mode="reduce-overhead" if device.type == "cuda" else "default")
+                        start = time.perf_counter()
+                        with torch.no_grad():
+                            compiled(image)
+                        row[f"{label} compile_s"] = time.perf_counter() - start
+                        with torch.no_grad():
+                            row[f"{label} compiled"] = median_seconds(lambda: compiled(image), device, args.repeats)
+                    except Exception as error:
+                        row[f"{label} compiled"] = f"compile failed: {type(error).__name__}: {str(error)[:200]}"
             rows.append(row)
             print("  " + json.dumps(row), flush=True)
 
@@ -113,6 +127,14 @@ def main(argv=None) -> int:
     for row in rows:
         print(f"| {row['size']} px | {row['batch']} | {cell(row, 'RWKV-SAM eager')} | {cell(row, 'attention eager')} | {ratio(row, 'eager')} "
               f"| {cell(row, 'RWKV-SAM graph')} | {cell(row, 'attention graph')} | {ratio(row, 'graph')} |")
+    if args.compile:
+        print("\ntorch.compile (images/s; first call's compile seconds in brackets)\n")
+        print("| image | batch | RWKV-SAM compiled | attention compiled | ratio compiled |")
+        print("|---|---|---|---|---|")
+        for row in rows:
+            compiled_cells = [f"{cell(row, f'{label} compiled')} ({row.get(f'{label} compile_s', float('nan')):.0f} s)"
+                              for label in encoders]
+            print(f"| {row['size']} px | {row['batch']} | {compiled_cells[0]} | {compiled_cells[1]} | {ratio(row, 'compiled')} |")
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
