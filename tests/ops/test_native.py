@@ -218,3 +218,32 @@ def test_usable_names_what_disqualifies_an_input(monkeypatch):
         assert native.usable(x)
     monkeypatch.setenv("LINMIX_FORCE_REFERENCE", "1")
     assert not native.usable(x.detach())
+
+
+def test_empty_inputs_give_empty_outputs():
+    for shape in [(0, 5, 4), (2, 0, 4), (2, 5, 0)]:
+        k = torch.zeros(shape)
+        w = u = torch.zeros(shape[2])
+        assert native.bi_wkv_native(w, u, k, k).shape == shape
+        if shape[1] == 0:
+            assert native.q_shift_lerp_native(k, 0, 1, torch.zeros(2, shape[2])).shape == (2, *shape)
+    assert native.relu_square_(torch.zeros(0)).shape == (0,)
+    assert native.sigmoid_mul_(torch.zeros(0, 3), torch.zeros(0, 3)).shape == (0, 3)
+
+
+def test_bad_shapes_are_clear_errors_not_out_of_bounds_reads():
+    x = torch.zeros(1, 12, 8)
+    with pytest.raises(ValueError, match="T = height \\* width = 4 \\* 4"):
+        native.q_shift_lerp_native(x, 4, 4, torch.zeros(2, 8))
+    with pytest.raises(ValueError, match="mixes must be"):
+        native.q_shift_lerp_native(x, 3, 4, torch.zeros(2, 7))
+    with pytest.raises(ValueError, match="fp32 CPU"):
+        native.q_shift_lerp_native(x.double(), 3, 4, torch.zeros(2, 8))
+    with pytest.raises(ValueError, match="one shape"):
+        native.bi_wkv_native(torch.zeros(8), torch.zeros(8), x, torch.zeros(1, 11, 8))
+    with pytest.raises(ValueError, match="one shape"):
+        native.bi_wkv_native(torch.zeros(7), torch.zeros(8), x, x)
+    with pytest.raises(ValueError, match="fp32 CPU"):
+        native.bi_wkv_native(torch.zeros(8), torch.zeros(8), x.double(), x.double())
+    with pytest.raises(ValueError, match="fp32 CPU"):
+        native.relu_square_(torch.zeros(3, dtype=torch.float64))

@@ -209,8 +209,8 @@ def _channel_slices(channels: int, parts: int) -> list[tuple[int, int]]:
 
 def _run_parallel(calls: list) -> list:
     """Run the kernel calls (each releases the GIL) on the pool; their return values in order."""
-    if len(calls) == 1:
-        return [calls[0]()]
+    if len(calls) <= 1:
+        return [call() for call in calls]
     pool = _pool(max(1, torch.get_num_threads()))
     return [future.result() for future in [pool.submit(call) for call in calls]]
 
@@ -226,12 +226,21 @@ def bi_wkv_native(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Te
     per channel). Keys may be ``-inf``; a channel whose keys are all masked gives 0.
     """
     library = _library()
+    if k.dim() != 3 or v.shape != k.shape or (gate is not None and gate.shape != k.shape) or w.shape != (k.shape[2],) \
+            or u.shape != (k.shape[2],):
+        raise ValueError(f"bi_wkv_native needs k, v (and gate) of one shape [B, T, C] and w, u of shape [C], got k "
+                         f"{tuple(k.shape)}, v {tuple(v.shape)}, w {tuple(w.shape)}, u {tuple(u.shape)}"
+                         + ("" if gate is None else f", gate {tuple(gate.shape)}"))
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (k, v) + (() if gate is None else (gate,))):
+        raise ValueError("bi_wkv_native needs fp32 CPU tensors k, v and gate")
     batch, length, channels = k.shape
     k, v = k.detach().contiguous(), v.detach().contiguous()
     gate = None if gate is None else gate.detach().contiguous()
     decay = torch.exp(-w.detach().to(torch.float64)).contiguous()
     bonus = torch.exp(u.detach().to(torch.float64)).contiguous()
     y = torch.empty((batch, length, channels), dtype=torch.float32)
+    if y.numel() == 0:
+        return y
     calls = []
     for b in range(batch):
         gate_b = None if gate is None else gate[b].data_ptr()
@@ -253,6 +262,8 @@ def _library() -> ctypes.CDLL:
 
 def _ranges(total: int) -> list[tuple[int, int]]:
     """``total`` split into one contiguous range per thread (64-byte aligned starts)."""
+    if total == 0:
+        return []
     parts = max(1, min(torch.get_num_threads(), total // 4096))  # small tensors: one call
     per_part = -(-total // parts)
     step = -(-per_part // _ALIGN) * _ALIGN
@@ -262,8 +273,8 @@ def _ranges(total: int) -> list[tuple[int, int]]:
 def relu_square_(x: torch.Tensor) -> torch.Tensor:
     """``x = relu(x) ** 2`` in place, one pass (fp32 contiguous CPU ``x``; returns ``x``)."""
     library = _library()
-    if not x.is_contiguous():
-        raise ValueError("relu_square_ needs a contiguous tensor")
+    if not x.is_contiguous() or x.dtype != torch.float32 or x.device.type != "cpu":
+        raise ValueError(f"relu_square_ needs a contiguous fp32 CPU tensor, got {x.dtype} on {x.device}, contiguous={x.is_contiguous()}")
     _run_parallel([functools.partial(library.linmix_relu_square_f32, x.data_ptr(), a, b) for a, b in _ranges(x.numel())])
     return x
 
@@ -273,6 +284,8 @@ def sigmoid_mul_(y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     library = _library()
     if not y.is_contiguous() or gate.shape != y.shape:
         raise ValueError(f"sigmoid_mul_ needs a contiguous y and a gate of the same shape, got {tuple(y.shape)} and {tuple(gate.shape)}")
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (y, gate)):
+        raise ValueError("sigmoid_mul_ needs fp32 CPU tensors")
     gate = gate.detach().contiguous()
     _run_parallel([functools.partial(library.linmix_sigmoid_mul_f32, gate.data_ptr(), y.data_ptr(), a, b)
                    for a, b in _ranges(y.numel())])
@@ -287,11 +300,21 @@ def q_shift_lerp_native(x: torch.Tensor, height: int, width: int, mixes: torch.T
     shift. Forward only; the caller checks shapes, dtype and device.
     """
     library = _library()
+    # Shapes are checked here, not only by the callers: a wrong grid would make the C loop read
+    # outside x.
+    if x.dim() != 3 or x.shape[1] != height * width or height < 0 or width < 0:
+        raise ValueError(f"x must be [B, T, C] with T = height * width = {height} * {width}, got {tuple(x.shape)}")
+    if mixes.dim() != 2 or mixes.shape[1] != x.shape[2]:
+        raise ValueError(f"mixes must be [n, C] with C = {x.shape[2]}, got {tuple(mixes.shape)}")
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        raise ValueError(f"x must be an fp32 CPU tensor, got {x.dtype} on {x.device}")
     batch, length, channels = x.shape
     x = x.detach().contiguous()
     mixes = mixes.detach().to(torch.float32).contiguous()
     count = mixes.shape[0]
     out = torch.empty((count, batch, length, channels), dtype=torch.float32)
+    if out.numel() == 0:
+        return out
     parts = max(1, min(torch.get_num_threads(), length))
     step = -(-length // parts)
     calls = []
