@@ -31,6 +31,26 @@
 
 #include "fast_math.h"
 
+/* Replaces each block's (num, den) totals at offset `part` (0 forward, 2 backward) of its five rows
+ * by the sums flowing into it from the blocks before it (after it when `reverse`):
+ * carry' = carry * decay^rows + block total. */
+static void incoming_sums(double *totals, int64_t n, int64_t blocks, int64_t part, int reverse,
+                          double *restrict carry_num, double *restrict carry_den) {
+    for (int64_t c = 0; c < n; ++c) carry_num[c] = carry_den[c] = 0.0;
+    for (int64_t i = 0; i < blocks; ++i) {
+        const int64_t j = reverse ? blocks - 1 - i : i;
+        double *restrict sum_num = totals + (5 * j + part) * n, *restrict sum_den = sum_num + n;
+        const double *restrict power = totals + (5 * j + 4) * n;
+        for (int64_t c = 0; c < n; ++c) {
+            const double block_num = sum_num[c], block_den = sum_den[c];
+            sum_num[c] = carry_num[c];
+            sum_den[c] = carry_den[c];
+            carry_num[c] = carry_num[c] * power[c] + block_num;
+            carry_den[c] = carry_den[c] * power[c] + block_den;
+        }
+    }
+}
+
 int linmix_bi_wkv_f32(const float *restrict k, const float *restrict v, const float *restrict gate,
                       const double *restrict decay, const double *restrict bonus, float *restrict y, int64_t length,
                       int64_t channels, int64_t c0, int64_t c1, int64_t block) {
@@ -84,28 +104,8 @@ int linmix_bi_wkv_f32(const float *restrict k, const float *restrict v, const fl
     }
     /* Incoming sums: forward into block j (F at its first row), in place of its forward totals;
      * backward into block j (G at its last row), in place of its backward totals. */
-    for (int64_t c = 0; c < n; ++c) carry_num[c] = carry_den[c] = 0.0;
-    for (int64_t j = 0; j < blocks; ++j) {
-        double *restrict fwd_num = totals + (5 * j) * n, *restrict fwd_den = fwd_num + n, *restrict power = fwd_num + 4 * n;
-        for (int64_t c = 0; c < n; ++c) {
-            const double block_num = fwd_num[c], block_den = fwd_den[c];
-            fwd_num[c] = carry_num[c];
-            fwd_den[c] = carry_den[c];
-            carry_num[c] = carry_num[c] * power[c] + block_num;
-            carry_den[c] = carry_den[c] * power[c] + block_den;
-        }
-    }
-    for (int64_t c = 0; c < n; ++c) carry_num[c] = carry_den[c] = 0.0;
-    for (int64_t j = blocks - 1; j >= 0; --j) {
-        double *restrict bwd_num = totals + (5 * j + 2) * n, *restrict bwd_den = bwd_num + n, *restrict power = bwd_num + 2 * n;
-        for (int64_t c = 0; c < n; ++c) {
-            const double block_num = bwd_num[c], block_den = bwd_den[c];
-            bwd_num[c] = carry_num[c];
-            bwd_den[c] = carry_den[c];
-            carry_num[c] = carry_num[c] * power[c] + block_num;
-            carry_den[c] = carry_den[c] * power[c] + block_den;
-        }
-    }
+    incoming_sums(totals, n, blocks, 0, 0, carry_num, carry_den);
+    incoming_sums(totals, n, blocks, 2, 1, carry_num, carry_den);
 
     /* pass 2: per block, forward scan into `parked`, then backward scan writing y. */
     for (int64_t j = 0; j < blocks; ++j) {
