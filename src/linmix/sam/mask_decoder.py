@@ -342,6 +342,21 @@ class MaskDecoder(nn.Module):
             if tuple(stage2.shape) != expected2:
                 raise ValueError(f"hq stage-2 features must have shape {expected2}, got {tuple(stage2.shape)}")
 
+    def _hq_fuse(self, upscaled: torch.Tensor, mid_res: torch.Tensor, high_res: torch.Tensor, prompt_batch: int) -> torch.Tensor:
+        """``hq_mix(cat[upscaled, mid_res, high_res]) + upscaled`` with ``mid_res, high_res`` per image.
+
+        The first conv of ``hq_mix`` is linear in its input channels, so its image part (the
+        ``mid_res, high_res`` channels, two thirds of the input) runs once per image and only the
+        ``upscaled`` part once per prompt: the same sum, a third of the per-prompt work.
+        """
+        first = self.hq_mix[0]
+        up_channels = upscaled.shape[1]
+        image_part = F.conv2d(torch.cat([mid_res, high_res], dim=1), first.weight[:, up_channels:], first.bias,
+                              padding=first.padding)
+        prompt_part = F.conv2d(upscaled, first.weight[:, :up_channels], None, padding=first.padding)
+        mixed = prompt_part + _expand_per_prompt("hq features", image_part, prompt_batch)
+        return self.hq_mix[1:](mixed) + upscaled
+
     def predict_masks(
         self,
         image_embeddings: torch.Tensor,
@@ -374,10 +389,7 @@ class MaskDecoder(nn.Module):
         upscaled = self.output_upscaling(image_tokens.transpose(1, 2).reshape(batch, channels, height, width))
         if hq_features is not None:
             stage1, stage2 = hq_features
-            # The projections only depend on the image, so run them once per image, then share.
-            high_res = _expand_per_prompt("hq stage-1 features", self.hq_high_res(stage1), prompt_batch)
-            mid_res = _expand_per_prompt("hq stage-2 features", self.hq_mid_res(stage2), prompt_batch)
-            upscaled = self.hq_mix(torch.cat([upscaled, mid_res, high_res], dim=1)) + upscaled
+            upscaled = self._hq_fuse(upscaled, self.hq_mid_res(stage2), self.hq_high_res(stage1), prompt_batch)
 
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, index, :]) for index, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
