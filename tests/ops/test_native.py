@@ -119,6 +119,23 @@ def test_bi_wkv_auto_dispatch_uses_native_only_where_it_applies(monkeypatch):
     bi_wkv(w, u, k.detach(), v)
     assert calls == [1]
     assert wkv_module.native is native
+    # The same decision, asked by callers that fuse the gate into the kernel.
+    assert not wkv_module.native_bi_wkv_applies(w, u, k.detach(), v)
+    monkeypatch.delenv("LINMIX_FORCE_REFERENCE")
+    assert wkv_module.native_bi_wkv_applies(w, u, k.detach(), v)
+    assert not wkv_module.native_bi_wkv_applies(w * 50, u, k.detach(), v)
+    assert not wkv_module.native_bi_wkv_applies(w, u, k, v)  # k requires grad
+
+
+@pytest.mark.parametrize("total, parts, align", [(384, 2, 16), (37, 3, 16), (5000, 2, 16), (10, 4, 1), (3, 8, 1), (1, 1, 16)])
+def test_split_covers_the_range_in_aligned_pieces(total, parts, align):
+    pieces = native._split(total, parts, align=align)
+    assert pieces[0][0] == 0 and pieces[-1][1] == total
+    assert all(a == prev_end for (_, prev_end), (a, _) in zip(pieces, pieces[1:]))
+    assert all(a % align == 0 and b > a for a, b in pieces) and len(pieces) <= parts
+    assert native._split(0, 2) == []
+    wide = native._split(5000, max(2, -(-5000 // native._MAX_SLICE)), align=16)  # what bi_wkv_native asks for
+    assert max(b - a for a, b in wide) <= native._MAX_SLICE
 
 
 def test_bi_wkv_forced_native_errors_name_what_is_missing(monkeypatch):

@@ -196,6 +196,12 @@ def _use_native(backend: str, form: str, w, u, k, v) -> bool:
     return not reasons and native.available()
 
 
+def native_bi_wkv_applies(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether ``bi_wkv(w, u, k, v)`` (backend and form "auto") runs the native C kernel on these
+    fp32 inputs; for callers that fuse more into that kernel (the receptance gate of Vision-RWKV)."""
+    return _use_native("auto", "auto", w, u, k, v)
+
+
 def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chunk_size: int = 64,
            backend: str = "auto", form: str = "auto") -> torch.Tensor:
     """Bidirectional WKV in O(T): w, u: [C]; k, v: [B, T, C] -> [B, T, C] (see the module docstring).

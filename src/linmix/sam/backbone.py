@@ -37,8 +37,7 @@ from torch.utils.checkpoint import checkpoint
 from linmix.ops._checks import require_positive_int, require_shape, tracing_or_exporting
 from linmix.layers.rwkv import rwkv_fancy_init
 from linmix.ops import native
-from linmix.ops.wkv import bi_wkv
-from linmix.ops.wkv_one_shift import one_shift_applicable
+from linmix.ops.wkv import bi_wkv, native_bi_wkv_applies
 from linmix.sam.common import LayerNorm2d, conv2d_gelu  # SAM's channels-first LayerNorm (eps 1e-6), shared with the decoder
 
 __all__ = [
@@ -309,7 +308,7 @@ class VRWKVSpatialMix(nn.Module):
         k, v, r = self.key(x_k), self.value(x_v), self.receptance(x_r)
         length = x.shape[1]
         decay, first = self.spatial_decay / length, self.spatial_first / length
-        if native.usable(decay, first, k, v, r) and one_shift_applicable(decay, first, length):
+        if native.usable(r) and native_bi_wkv_applies(decay, first, k, v):
             return self.output(native.bi_wkv_native(decay, first, k, v, gate=r))  # the gate in the same pass
         wkv = bi_wkv(decay, first, k, v, chunk_size=self.wkv_chunk_size)
         return self.output(torch.sigmoid(r) * wkv.to(r.dtype))

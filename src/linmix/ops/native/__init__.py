@@ -1,13 +1,15 @@
 """Small C kernels for CPU inference, compiled on first use with the system's C compiler.
 
 PyTorch's eager CPU ops each make a full pass over memory, and the Vision-RWKV block is mostly such
-passes besides its GEMMs. Two kernels replace the heaviest:
+passes besides its GEMMs. These kernels replace the heaviest:
 
 - :func:`bi_wkv_native`: Bi-WKV as linear scans over time with running sums in double, blocked so
   that each block of rows is read from memory twice in all (``bi_wkv.c``), instead of about twenty
   full passes of the torch one-shift form;
 - :func:`q_shift_lerp_native`: the quad-directional token shift and all its mixes
-  ``lerp(q_shift(x), x, mu_i)`` in one pass (``q_shift.c``), instead of a shift plus one pass per mix.
+  ``lerp(q_shift(x), x, mu_i)`` in one pass (``q_shift.c``), instead of a shift plus one pass per mix;
+- :func:`relu_square_`, :func:`sigmoid_mul_`: the channel mix's ``relu(x)^2`` and ``sigmoid(g) * y``
+  in place, one pass each (``elementwise.c``), where torch needs two ops and a temporary.
 
 How it is built and loaded, and when it is not used:
 
@@ -181,6 +183,13 @@ def usable(*tensors: torch.Tensor) -> bool:
     return not dispatch.reference_forced() and not ineligible(*tensors) and available()
 
 
+def _library() -> ctypes.CDLL:
+    library = _load()[0]
+    if library is None:
+        raise RuntimeError(unavailable_reason())
+    return library
+
+
 def library_path() -> str | None:
     """Path of the loaded kernel library (None when unavailable)."""
     library = _load()[0]
@@ -198,13 +207,14 @@ def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
     return _pools[key]
 
 
-def _channel_slices(channels: int, parts: int) -> list[tuple[int, int]]:
-    """``parts`` (or more, for wide inputs) contiguous channel ranges starting on 16-channel boundaries."""
-    parts = max(1, min(parts, -(-channels // _ALIGN)))
-    parts = max(parts, -(-channels // _MAX_SLICE))
-    step = -(-channels // parts)
-    step = -(-step // _ALIGN) * _ALIGN
-    return [(start, min(start + step, channels)) for start in range(0, channels, step)]
+def _split(total: int, parts: int, *, align: int = 1) -> list[tuple[int, int]]:
+    """``[0, total)`` as at most ``parts`` contiguous ranges whose starts are multiples of ``align``."""
+    if total <= 0:
+        return []
+    parts = max(1, min(parts, -(-total // align)))
+    per_part = -(-total // parts)
+    step = -(-per_part // align) * align
+    return [(start, min(start + step, total)) for start in range(0, total, step)]
 
 
 def _run_parallel(calls: list) -> list:
@@ -220,10 +230,10 @@ def bi_wkv_native(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Te
     """Bi-WKV (the sum of :func:`linmix.ops.wkv.bi_wkv_reference`) for fp32 CPU tensors, forward only.
 
     ``w, u: [C]``, ``k, v: [B, T, C]`` -> ``[B, T, C]`` fp32; with ``gate: [B, T, C]`` the result is
-    ``sigmoid(gate) * bi_wkv(...)`` (Vision-RWKV's receptance) in the same pass. The caller checks
-    shapes, dtypes and device, and that ``(T - 1) max|w| <= 20``
+    ``sigmoid(gate) * bi_wkv(...)`` (Vision-RWKV's receptance) in the same pass. Shapes, dtype and
+    device are checked here; the caller checks that ``(T - 1) max|w| <= 20``
     (:func:`linmix.ops.wkv_one_shift.one_shift_applicable`: the keys' exponentials are shifted once
-    per channel). Keys may be ``-inf``; a channel whose keys are all masked gives 0.
+    per channel), as :func:`linmix.ops.wkv.native_bi_wkv_applies` does. Keys may be ``-inf``; a channel whose keys are all masked gives 0.
     """
     library = _library()
     if k.dim() != 3 or v.shape != k.shape or (gate is not None and gate.shape != k.shape) or w.shape != (k.shape[2],) \
@@ -244,7 +254,8 @@ def bi_wkv_native(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Te
     calls = []
     for b in range(batch):
         gate_b = None if gate is None else gate[b].data_ptr()
-        for c0, c1 in _channel_slices(channels, torch.get_num_threads()):
+        # One slice per thread, 64-byte aligned, and none wider than _MAX_SLICE channels.
+        for c0, c1 in _split(channels, max(torch.get_num_threads(), -(-channels // _MAX_SLICE)), align=_ALIGN):
             calls.append(functools.partial(library.linmix_bi_wkv_f32, k[b].data_ptr(), v[b].data_ptr(), gate_b,
                                            decay.data_ptr(), bonus.data_ptr(), y[b].data_ptr(), length, channels,
                                            c0, c1, _TIME_BLOCK))
@@ -253,21 +264,9 @@ def bi_wkv_native(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Te
     return y
 
 
-def _library() -> ctypes.CDLL:
-    library = _load()[0]
-    if library is None:
-        raise RuntimeError(unavailable_reason())
-    return library
-
-
 def _ranges(total: int) -> list[tuple[int, int]]:
-    """``total`` split into one contiguous range per thread (64-byte aligned starts)."""
-    if total == 0:
-        return []
-    parts = max(1, min(torch.get_num_threads(), total // 4096))  # small tensors: one call
-    per_part = -(-total // parts)
-    step = -(-per_part // _ALIGN) * _ALIGN
-    return [(start, min(start + step, total)) for start in range(0, total, step)]
+    """``total`` elements as one 64-byte aligned range per thread (small tensors: one call)."""
+    return _split(total, min(torch.get_num_threads(), total // 4096), align=_ALIGN)
 
 
 def relu_square_(x: torch.Tensor) -> torch.Tensor:
@@ -297,7 +296,7 @@ def q_shift_lerp_native(x: torch.Tensor, height: int, width: int, mixes: torch.T
 
     ``x: [B, T, C]`` fp32 CPU with ``T = height * width``; ``mixes: [n, C]`` -> ``[n, B, T, C]`` (each
     ``out[i]`` contiguous, ready for a linear layer). See :func:`linmix.sam.backbone.q_shift` for the
-    shift. Forward only; the caller checks shapes, dtype and device.
+    shift. Forward only.
     """
     library = _library()
     # Shapes are checked here, not only by the callers: a wrong grid would make the C loop read
@@ -315,13 +314,11 @@ def q_shift_lerp_native(x: torch.Tensor, height: int, width: int, mixes: torch.T
     out = torch.empty((count, batch, length, channels), dtype=torch.float32)
     if out.numel() == 0:
         return out
-    parts = max(1, min(torch.get_num_threads(), length))
-    step = -(-length // parts)
     calls = []
     for b in range(batch):
         x_b, out_b = x[b].data_ptr(), out[:, b].data_ptr()
-        for t0 in range(0, length, step):
+        for t0, t1 in _split(length, torch.get_num_threads()):
             calls.append(functools.partial(library.linmix_q_shift_lerp_f32, x_b, mixes.data_ptr(), out_b, count, height,
-                                           width, channels, t0, min(t0 + step, length), batch * length * channels))
+                                           width, channels, t0, t1, batch * length * channels))
     _run_parallel(calls)
     return out
