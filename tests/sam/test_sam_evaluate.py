@@ -108,3 +108,20 @@ def test_cli_eval_writes_json_and_markdown(tmp_path):
     assert data["model"] == "tiny-random" and data["results"][0]["images"] == 1
     assert 0.0 <= data["results"][0]["box"]["miou"] <= 1.0
     assert "| tiny-random | procedural:seed3 | 1 |" in (tmp_path / "report.md").read_text()
+
+
+def test_cli_eval_runs_the_model_at_another_input_size(tmp_path, capsys):
+    torch.manual_seed(0)
+    path = tmp_path / "tiny.safetensors"
+    save_rwkv_sam(build_rwkv_sam("tiny", image_size=32), path)
+    out = tmp_path / "report"
+    assert main(["sam", "eval", "--checkpoint", str(path), "--dataset", "procedural:3:2", "--limit", "1",
+                 "--prompts", "box", "--image-size", "48", "--out", str(out)]) == 0
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["image_size"] == 48 and 0.0 <= data["results"][0]["box"]["miou"] <= 1.0
+    assert main(["sam", "eval", "--checkpoint", str(path), "--dataset", "procedural:3:2", "--limit", "1",
+                 "--prompts", "box", "--out", str(out)]) == 0
+    assert json.loads((tmp_path / "report.json").read_text())["image_size"] == 32
+    capsys.readouterr()
+    assert main(["sam", "eval", "--checkpoint", str(path), "--dataset", "procedural:3:2", "--image-size", "40"]) != 0
+    assert "multiple of 16, got 40" in capsys.readouterr().err

@@ -150,6 +150,7 @@ def eval_command(
     out: Optional[Path] = typer.Option(None, "--out", help="Write OUT.json and OUT.md (the table)."),
     threads: int = typer.Option(0, "--threads", help="torch CPU threads (0: torch's default)."),
     label: Optional[str] = typer.Option(None, "--label", help="Model name in the table."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Run the model at this input side (a multiple of 16) instead of the one stored in its checkpoint."),
 ) -> None:
     """mIoU and boundary IoU (HQ-SAM protocol, at the original resolution) per dataset and prompt kind."""
     import json
@@ -158,19 +159,22 @@ def eval_command(
 
     from linmix.sam.data import load_dataset
     from linmix.sam.evaluate import evaluate_datasets, results_to_markdown
-    from linmix.sam.model import build_rwkv_sam, checkpoint_metadata, load_default
+    from linmix.sam.model import build_rwkv_sam, checkpoint_metadata, default_checkpoint_path, load_default
 
     if threads:
         torch.set_num_threads(threads)
     kinds = [k.strip() for k in prompts.split(",") if k.strip()]
-    if checkpoint is None:
+    if checkpoint is None and image_size is None:
         model = load_default()
     else:
-        metadata = checkpoint_metadata(checkpoint)
+        path = checkpoint if checkpoint is not None else default_checkpoint_path()
+        if checkpoint is None and not path.is_file():
+            load_default()  # raises the clear "shipped weights are missing" error
+        metadata = checkpoint_metadata(path)
         chosen = variant or metadata.get("variant")
         if chosen is None:
-            raise CliError(f"{checkpoint} does not record its variant: pass --variant")
-        model = build_rwkv_sam(chosen, checkpoint=checkpoint)
+            raise CliError(f"{path} does not record its variant: pass --variant")
+        model = build_rwkv_sam(chosen, checkpoint=path, image_size=image_size)
     datasets = [load_dataset(spec) for spec in (dataset or ["procedural:1:100"])]
     results = evaluate_datasets(model, datasets, prompt_kinds=kinds, points=points, limit=limit)
     name = label or (checkpoint.name if checkpoint else "shipped")
@@ -178,5 +182,5 @@ def eval_command(
     typer.echo(table)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        Path(f"{out}.json").write_text(json.dumps({"model": name, "results": results}, indent=2) + "\n")
+        Path(f"{out}.json").write_text(json.dumps({"model": name, "image_size": model.image_size, "results": results}, indent=2) + "\n")
         Path(f"{out}.md").write_text(table + "\n")
