@@ -72,9 +72,8 @@ def main(argv: list[str] | None = None) -> int:
                             image_size=int(metadata.get("image_size", 256)), dataset=f"procedural:{args.dataset_seed}",
                             batch_size=args.batch_size, prompts_per_image=4, loss_points=4096, scale_range=(0.75, 1.33),
                             position_in_embedding=True, init_checkpoint=args.init)
-    _SOURCE = PromptBatchSource(ProceduralHQDataset(seed=args.dataset_seed), batch_size=args.batch_size,
-                                image_size=config.image_size, prompts_per_image=4, seed=0, scale_range=(0.75, 1.33))
-    # Fork the batch makers before CUDA starts in this process.
+    # The model is still on the CPU here: fork the batch makers before CUDA starts in this process.
+    module, _SOURCE = build_training(config, SimpleNamespace(seed=0, grad_accum=1))
     workers = args.workers or max(1, (mp.cpu_count() or 4) - 2)
     pool = mp.get_context("fork").Pool(workers, initializer=_worker_init)
     pending: collections.deque = collections.deque(pool.apply_async(_make_batch, (k,)) for k in range(4 * workers))
@@ -88,7 +87,6 @@ def main(argv: list[str] | None = None) -> int:
         issued += 1
         return batch
 
-    module, _ = build_training(config, SimpleNamespace(seed=0, grad_accum=1))
     module = module.to(args.device).train()
     optimizer = torch.optim.AdamW(parameter_groups(module, 0.05), lr=args.lr, betas=(0.9, 0.999))
     held_out = [ProceduralHQDataset(seed=1, length=args.eval_images)[i] for i in range(args.eval_images)]

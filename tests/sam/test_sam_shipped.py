@@ -38,6 +38,7 @@ def test_load_default_equals_build_with_checkpoint():
     same = build_rwkv_sam("tiny", checkpoint=default_checkpoint_path())
     for (name, a), (_, b) in zip(model.state_dict().items(), same.state_dict().items()):
         assert torch.equal(a, b), name
+    assert load_default(image_size=512).image_size == 512
     with pytest.raises(ValueError, match="not 'small'"):
         build_rwkv_sam("small", checkpoint=default_checkpoint_path())
 

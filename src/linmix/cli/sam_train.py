@@ -159,22 +159,19 @@ def eval_command(
 
     from linmix.sam.data import load_dataset
     from linmix.sam.evaluate import evaluate_datasets, results_to_markdown
-    from linmix.sam.model import build_rwkv_sam, checkpoint_metadata, default_checkpoint_path, load_default
+    from linmix.sam.model import build_rwkv_sam, checkpoint_metadata, load_default
 
     if threads:
         torch.set_num_threads(threads)
     kinds = [k.strip() for k in prompts.split(",") if k.strip()]
-    if checkpoint is None and image_size is None:
-        model = load_default()
+    if checkpoint is None:
+        model = load_default(image_size=image_size)
     else:
-        path = checkpoint if checkpoint is not None else default_checkpoint_path()
-        if checkpoint is None and not path.is_file():
-            load_default()  # raises the clear "shipped weights are missing" error
-        metadata = checkpoint_metadata(path)
+        metadata = checkpoint_metadata(checkpoint)
         chosen = variant or metadata.get("variant")
         if chosen is None:
-            raise CliError(f"{path} does not record its variant: pass --variant")
-        model = build_rwkv_sam(chosen, checkpoint=path, image_size=image_size)
+            raise CliError(f"{checkpoint} does not record its variant: pass --variant")
+        model = build_rwkv_sam(chosen, checkpoint=checkpoint, image_size=image_size)
     datasets = [load_dataset(spec) for spec in (dataset or ["procedural:1:100"])]
     results = evaluate_datasets(model, datasets, prompt_kinds=kinds, points=points, limit=limit)
     name = label or (checkpoint.name if checkpoint else "shipped")

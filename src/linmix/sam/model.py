@@ -424,12 +424,13 @@ def default_checkpoint_path(token_mixer: str = "rwkv") -> Path:
     return DEFAULT_WEIGHTS_DIR / name
 
 
-def load_default(token_mixer: str = "rwkv") -> RwkvSam:
+def load_default(token_mixer: str = "rwkv", *, image_size: int | None = None) -> RwkvSam:
     """The shipped RWKV-SAM model, in evaluation mode: a tiny variant at a reduced input size trained
     on linmix's procedural high-quality data only (see docs/sam.md; not a model of natural images).
 
     ``token_mixer="attention"`` loads the same-scale attention baseline trained with the identical recipe,
-    when it is shipped. Raises FileNotFoundError when the weights file is absent.
+    when it is shipped. ``image_size`` runs it at another input side than the one it was trained at
+    (a multiple of 16). Raises FileNotFoundError when the weights file is absent.
     """
     path = default_checkpoint_path(token_mixer)
     if not path.is_file():
@@ -440,7 +441,7 @@ def load_default(token_mixer: str = "rwkv") -> RwkvSam:
     metadata = checkpoint_metadata(path)
     if "variant" not in metadata:
         raise ValueError(f"{path} lacks the 'variant' metadata written by save_rwkv_sam")
-    return build_rwkv_sam(metadata["variant"], checkpoint=path)
+    return build_rwkv_sam(metadata["variant"], checkpoint=path, image_size=image_size)
 
 
 def build_rwkv_sam_tiny(checkpoint=None, *, token_mixer: str | None = None, sam_checkpoint=None, image_size: int | None = None) -> RwkvSam:
