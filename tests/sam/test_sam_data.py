@@ -20,6 +20,7 @@ from linmix.sam.data import (
     SA1BDataset,
     SegmentationSample,
     augment_sample,
+    default_box_noise_cap,
     load_dataset,
     load_hq_dataset,
     prepare_image,
@@ -242,6 +243,33 @@ def test_batch_source_is_a_pure_function_of_its_indices():
         positive = coords[k][labels[k] == 1]
         assert len(positive) >= 1
         assert (a["masks"][1, k][positive[:, 1], positive[:, 0]] > 0.5).all()
+
+
+def _box_edge_moves(source, steps):
+    moves = []
+    for step in range(steps):
+        batch = source.get(step, 0, 0, 1)
+        for image in range(batch["images"].shape[0]):
+            if not batch["is_box"][image]:
+                continue
+            for k in range(batch["masks"].shape[1]):
+                truth = tight_box((batch["masks"][image, k] > 0.5).numpy())
+                moves.append(np.abs(batch["boxes"][image, k].numpy() - truth))
+    return np.concatenate(moves)
+
+
+def test_box_noise_cap_scales_with_the_frame_like_sams_20_px_at_1024():
+    assert default_box_noise_cap(1024) == 20.0 and default_box_noise_cap(256) == 5.0
+    dataset = ProceduralHQDataset(seed=3, min_side=192, max_side=256)
+    scaled = PromptBatchSource(dataset, batch_size=4, image_size=256, prompts_per_image=2, seed=0)
+    wide = PromptBatchSource(dataset, batch_size=4, image_size=256, prompts_per_image=2, seed=0, box_noise_cap=20)
+    tight = PromptBatchSource(dataset, batch_size=4, image_size=256, prompts_per_image=2, seed=0, box_noise=0.0)
+    scaled_moves, wide_moves = _box_edge_moves(scaled, 4), _box_edge_moves(wide, 4)
+    assert scaled.box_noise_cap == 5.0 and scaled_moves.max() <= 5 + 1e-4
+    assert wide_moves.max() > 5 and wide_moves.max() <= 20 + 1e-4  # objects of 100+ px move by more than 5
+    assert _box_edge_moves(tight, 4).max() < 1e-4
+    with pytest.raises(ValueError, match="box_noise"):
+        PromptBatchSource(dataset, batch_size=1, image_size=64, box_noise=-0.1)
 
 
 def test_finite_dataset_epochs_visit_every_item(tmp_path):

@@ -194,6 +194,8 @@ def test_prompt_warmup_turns_every_prompt_into_its_filled_box_then_steps_aside()
         SamTrainConfig(prompt_warmup_steps=-1)
     with pytest.raises(ValueError, match="stage 'finetune' only"):
         SamTrainConfig(stage="distill", teacher_features="t/", prompt_warmup_steps=5)
+    with pytest.raises(ValueError, match="box_noise and box_noise_cap must be >= 0"):
+        SamTrainConfig(box_noise_cap=-1)
 
 
 def _strip_metadata(path: Path, key: str) -> Path:
@@ -213,7 +215,7 @@ def _strip_metadata(path: Path, key: str) -> Path:
 def test_cli_train_then_load_the_final_checkpoint(tmp_path):
     out = tmp_path / "run"
     code = main(["sam", "train", "--out", str(out), "--dataset", "procedural:0", "--steps", "2", "--save-every", "2",
-                 "--freeze", "prompt_encoder", "--prompt-warmup-steps", "1", *SMALL])
+                 "--freeze", "prompt_encoder", "--prompt-warmup-steps", "1", "--box-noise-cap", "3", *SMALL])
     assert code == 0
     records = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in records if "loss" in r] == [1, 2]
@@ -224,6 +226,7 @@ def test_cli_train_then_load_the_final_checkpoint(tmp_path):
     assert metadata["position_in_embedding"] == "true"
     run_config = json.loads((out / "sam_config.json").read_text())
     assert run_config["position_in_embedding"] is True and run_config["prompt_warmup_steps"] == 1
+    assert run_config["box_noise"] == 0.1 and run_config["box_noise_cap"] == 3.0
     model = build_rwkv_sam("tiny", checkpoint=out / "final.safetensors")
     assert model.image_size == 32 and model.position_in_embedding
     # The frozen prompt encoder is bit-identical to its initialisation (same seed, same build).

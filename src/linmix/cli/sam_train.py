@@ -57,6 +57,10 @@ def train_command(
     grad_accum: int = typer.Option(1, "--grad-accum"),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on CUDA when supported), fp32 or bf16."),
     scale_range: str = typer.Option("0.5,2.0", "--scale-range", help="Large-scale jitter range LOW,HIGH."),
+    box_noise: float = typer.Option(0.1, "--box-noise", help="Box prompts: each edge moves by N(0, this x the box side)."),
+    box_noise_cap: Optional[float] = typer.Option(
+        None, "--box-noise-cap",
+        help="Box prompts: largest edge move in frame pixels (default: SAM's 20 px at 1024, scaled to --image-size)."),
     loss_points: int = typer.Option(12544, "--loss-points", help="Uncertainty-sampled points per mask for dice + BCE."),
     freeze: Optional[list[str]] = typer.Option(None, "--freeze", help="Keep fixed (repeatable): backbone, neck, image_encoder, prompt_encoder, mask_decoder, hq_fusion."),
     init_checkpoint: Optional[Path] = typer.Option(None, "--init", help="Start from this linmix safetensors (e.g. the stage-1 result)."),
@@ -90,7 +94,7 @@ def train_command(
     config = SamTrainConfig(
         stage=stage, variant=variant, token_mixer=token_mixer, image_size=image_size, dataset=dataset,
         batch_size=batch_size, prompts_per_image=prompts_per_image, scale_range=_parse_range(scale_range),
-        loss_points=loss_points, freeze=list(freeze or []),
+        box_noise=box_noise, box_noise_cap=box_noise_cap, loss_points=loss_points, freeze=list(freeze or []),
         init_checkpoint=str(init_checkpoint) if init_checkpoint else None,
         sam_checkpoint=str(sam_checkpoint) if sam_checkpoint else None,
         teacher_checkpoint=str(teacher_checkpoint) if teacher_checkpoint else None,

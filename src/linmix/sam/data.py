@@ -51,6 +51,7 @@ __all__ = [
     "SegmentationSample",
     "TeacherFeatureBatchSource",
     "augment_sample",
+    "default_box_noise_cap",
     "load_dataset",
     "load_hq_dataset",
     "prepare_image",
@@ -602,6 +603,11 @@ def tight_box(mask: np.ndarray) -> np.ndarray:
     return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float32)
 
 
+def default_box_noise_cap(image_size: int) -> float:
+    """SAM's box-noise cap (20 px in a 1024 px frame) scaled to a ``image_size`` frame."""
+    return 20.0 * image_size / 1024
+
+
 def sample_box_prompt(
     mask: np.ndarray, rng: np.random.Generator, *, noise: float = 0.1, max_noise: float = 20.0
 ) -> np.ndarray:
@@ -753,15 +759,23 @@ class PromptBatchSource:
         scale_range: tuple[float, float] = (0.5, 2.0),
         max_positive: int = 5,
         max_negative: int = 2,
+        box_noise: float = 0.1,
+        box_noise_cap: float | None = None,
     ):
         if batch_size < 1 or prompts_per_image < 1 or grad_accum < 1:
             raise ValueError("batch_size, prompts_per_image and grad_accum must be >= 1")
+        if box_noise < 0 or (box_noise_cap is not None and box_noise_cap < 0):
+            raise ValueError(f"box_noise and box_noise_cap must be >= 0, got {box_noise} and {box_noise_cap}")
         self.dataset = dataset
         self.batch_size, self.image_size = int(batch_size), int(image_size)
         self.prompts_per_image, self.grad_accum, self.seed = int(prompts_per_image), int(grad_accum), int(seed)
         self.augment, self.scale_range = augment, tuple(scale_range)
         self.max_positive, self.max_negative = int(max_positive), int(max_negative)
         self.max_points = self.max_positive + self.max_negative
+        # SAM caps the box-edge noise at 20 px in its 1024 px frame; the same fraction of our frame
+        # keeps a box as informative at 256 px (a 20 px cap there blurs which object the box bounds).
+        self.box_noise = float(box_noise)
+        self.box_noise_cap = default_box_noise_cap(self.image_size) if box_noise_cap is None else float(box_noise_cap)
 
     def _item(self, position: int) -> SegmentationSample:
         n = len(self.dataset)
@@ -802,7 +816,7 @@ class PromptBatchSource:
         for i in range(k):
             binary = (targets[i] > 0.5).numpy()
             if is_box:
-                boxes[i] = torch.from_numpy(sample_box_prompt(binary, rng))
+                boxes[i] = torch.from_numpy(sample_box_prompt(binary, rng, noise=self.box_noise, max_noise=self.box_noise_cap))
             else:
                 point_xy, point_labels = sample_point_prompt(
                     binary, rng, max_positive=self.max_positive, max_negative=self.max_negative

@@ -265,6 +265,10 @@ class SamTrainConfig:
     batch_size: int = 8
     prompts_per_image: int = 2
     scale_range: tuple[float, float] = (0.5, 2.0)
+    # Box prompts: each edge moves by N(0, box_noise * side), capped at box_noise_cap frame pixels
+    # (None: SAM's 20 px at 1024, scaled to image_size; runs before 2026-11-28 used 20 at any size).
+    box_noise: float = 0.1
+    box_noise_cap: float | None = None
     loss_points: int = 12544
     iou_loss_weight: float = 1.0
     freeze: list[str] = field(default_factory=list)
@@ -291,6 +295,8 @@ class SamTrainConfig:
             raise ValueError("stage 'distill' needs exactly one of teacher_checkpoint (SAM .pth) or teacher_features (a dump-teacher folder)")
         if self.batch_size < 1 or self.prompts_per_image < 1:
             raise ValueError("batch_size and prompts_per_image must be >= 1")
+        if self.box_noise < 0 or (self.box_noise_cap is not None and self.box_noise_cap < 0):
+            raise ValueError(f"box_noise and box_noise_cap must be >= 0, got {self.box_noise} and {self.box_noise_cap}")
         if isinstance(self.prompt_warmup_steps, bool) or not isinstance(self.prompt_warmup_steps, int) or self.prompt_warmup_steps < 0:
             raise ValueError(f"prompt_warmup_steps must be an int >= 0, got {self.prompt_warmup_steps!r}")
         if self.prompt_warmup_steps and self.stage != "finetune":
@@ -367,7 +373,8 @@ def build_training(config: SamTrainConfig, train_config):
         dataset.validate()
         batches = PromptBatchSource(dataset, batch_size=config.batch_size, image_size=config.image_size,
                                     prompts_per_image=config.prompts_per_image, grad_accum=train_config.grad_accum,
-                                    seed=train_config.seed, scale_range=config.scale_range)
+                                    seed=train_config.seed, scale_range=config.scale_range,
+                                    box_noise=config.box_noise, box_noise_cap=config.box_noise_cap)
         if config.prompt_warmup_steps:
             batches = PromptWarmup(batches, config.prompt_warmup_steps)
     _freeze(sam, config.freeze)
