@@ -266,7 +266,7 @@ class SamTrainConfig:
     prompts_per_image: int = 2
     scale_range: tuple[float, float] = (0.5, 2.0)
     # Box prompts: each edge moves by N(0, box_noise * side), capped at box_noise_cap frame pixels
-    # (None: SAM's 20 px at 1024, scaled to image_size; runs before 2026-11-28 used 20 at any size).
+    # (None: SAM's 20 px at 1024, scaled to image_size; runs before this option used 20 at any size).
     box_noise: float = 0.1
     box_noise_cap: float | None = None
     loss_points: int = 12544
