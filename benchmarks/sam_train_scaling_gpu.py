@@ -2,8 +2,8 @@
 """How far more steps of the shipped RWKV-SAM recipe take its held-out scores: a GPU experiment.
 
 The shipped model is trained on the 2-core CPU (docs/sam.md), where 2-5 s per step caps a session at
-one to two thousand steps. This script continues a checkpoint with the same recipe (256 px, 8 images x 4
-prompted objects per step, 4096 loss points, box-noise cap 5 px (the default at 256 px), AdamW lr 2e-4
+one to two thousand steps. This script continues a checkpoint with the same recipe (the checkpoint's input size, 8 images x 4
+prompted objects per step, 4096 loss points, box-noise cap 20 px x size / 1024 (5 px at 256), AdamW lr 2e-4
 after a 20-step warmup, weight decay 0.05, clipping at 1.0, jitter 0.75-1.33, fp32) for as many steps as a time budget allows on a
 GPU, and scores the model on the held-out split (`procedural:1:100`, box and 3-point prompts,
 exactly what `linmix sam eval` reports) at doubling step counts. The learning rate stays constant
