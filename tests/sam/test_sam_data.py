@@ -171,6 +171,28 @@ def test_procedural_is_seeded_and_exact():
     assert len(sizes) > 3  # several resolutions
 
 
+def test_procedural_object_count_option_and_default_split_unchanged():
+    # The held-out split (procedural:1) must not move when options are added: shapes and object
+    # counts of its first items, recorded before the objects= option existed.
+    held_out = load_dataset("procedural:1:100")
+    assert held_out.name == "procedural:seed1" and len(held_out) == 100
+    expected = [((304, 240), 3), ((288, 432), 3), ((432, 304), 2), ((192, 448), 2),
+                ((384, 448), 2), ((352, 336), 3), ((352, 448), 2), ((208, 432), 1)]
+    assert [(held_out[i].image.shape[:2], len(held_out[i].masks)) for i in range(8)] == expected
+
+    crowded = load_dataset("procedural:1:objects=3-4")
+    assert crowded.name == "procedural:seed1:objects=3-4" and len(crowded) == 1_000_000
+    counts = [len(crowded[i].masks) for i in range(10)]
+    # Objects hidden by later ones (or left too small) are dropped, so a few images keep fewer.
+    assert max(counts) <= 4 and sum(c >= 3 for c in counts) >= 7
+    assert len(load_dataset("procedural:2:5:objects=2")[0].masks) <= 2
+    for bad in ("procedural:1:objects=3-2", "procedural:1:objects=0-2", "procedural:1:objects=two", "procedural:1:5:6"):
+        with pytest.raises(ValueError, match="procedural"):
+            load_dataset(bad)
+    with pytest.raises(ValueError, match="min_objects"):
+        ProceduralHQDataset(min_objects=4, max_objects=3)
+
+
 def test_procedural_thin_structures_and_holes():
     dataset = ProceduralHQDataset(seed=0)
     rng = np.random.default_rng(0)

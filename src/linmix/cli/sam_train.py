@@ -14,7 +14,7 @@ from linmix.cli.app import CliError, sam_app
 
 DATASET_HELP = (
     "KIND:PATH, KIND one of dis5k, thinobject5k, coift, hrsod (a folder), sa1b (a folder), "
-    "coco (coco:ANNOTATIONS.json:IMAGE_DIR), folder (folder:IMAGE_DIR:MASK_DIR) or procedural (procedural:SEED[:LENGTH])."
+    "coco (coco:ANNOTATIONS.json:IMAGE_DIR), folder (folder:IMAGE_DIR:MASK_DIR) or procedural (procedural:SEED[:LENGTH][:objects=MIN-MAX], default 1-3 objects per image)."
 )
 
 

@@ -428,7 +428,7 @@ class ProceduralHQDataset:
     """Seeded synthetic high-quality segmentation data with exact masks.
 
     Each item is an image of random size (sides in ``[min_side, max_side]``, several aspect ratios)
-    with ``1..max_objects`` objects of these kinds on a textured background: ``wire`` (thin smooth
+    with ``min_objects..max_objects`` objects (default 1..3) of these kinds on a textured background: ``wire`` (thin smooth
     curves), ``frame`` (rectangular or round frames with holes, some with cross bars), ``tree``
     (branching strokes thinning outwards), ``text`` (rows of glyph-like strokes) and ``blob``
     (a wobbly disc with holes). Objects are anti-aliased into the image and may occlude each other;
@@ -438,15 +438,27 @@ class ProceduralHQDataset:
 
     KINDS = ("wire", "frame", "tree", "text", "blob")
 
-    def __init__(self, seed: int = 0, length: int = 1_000_000, *, min_side: int = 192, max_side: int = 448, max_objects: int = 3):
-        if length < 1 or min_side < 64 or max_side < min_side or max_objects < 1:
+    def __init__(
+        self,
+        seed: int = 0,
+        length: int = 1_000_000,
+        *,
+        min_side: int = 192,
+        max_side: int = 448,
+        max_objects: int = 3,
+        min_objects: int = 1,
+    ):
+        if length < 1 or min_side < 64 or max_side < min_side or not 1 <= min_objects <= max_objects:
             raise ValueError(
-                f"need length >= 1, 64 <= min_side <= max_side and max_objects >= 1; got length={length}, "
-                f"min_side={min_side}, max_side={max_side}, max_objects={max_objects}"
+                f"need length >= 1, 64 <= min_side <= max_side and 1 <= min_objects <= max_objects; got length={length}, "
+                f"min_side={min_side}, max_side={max_side}, min_objects={min_objects}, max_objects={max_objects}"
             )
         self.seed, self.length = int(seed), int(length)
-        self.min_side, self.max_side, self.max_objects = int(min_side), int(max_side), int(max_objects)
+        self.min_side, self.max_side = int(min_side), int(max_side)
+        self.min_objects, self.max_objects = int(min_objects), int(max_objects)
         self.name = f"procedural:seed{seed}"
+        if (self.min_objects, self.max_objects) != (1, 3):
+            self.name += f":objects={self.min_objects}-{self.max_objects}"
 
     def __len__(self) -> int:
         return self.length
@@ -467,7 +479,7 @@ class ProceduralHQDataset:
         background_colour = rng.uniform(30, 225, size=3).astype(np.float32)
         image = _texture(rng, height, width, background_colour, amplitude=float(rng.uniform(10, 45)))
         masks: list[np.ndarray] = []
-        for _ in range(int(rng.integers(1, self.max_objects + 1))):
+        for _ in range(int(rng.integers(self.min_objects, self.max_objects + 1))):
             kind = self.KINDS[int(rng.integers(len(self.KINDS)))]
             field = getattr(self, f"_{kind}")(rng, height, width)
             coverage = np.clip(0.5 - field, 0.0, 1.0)[..., None]
@@ -885,24 +897,41 @@ class TeacherFeatureBatchSource:
         return {key: torch.stack([item[key] for item in items]) for key in items[0]}
 
 
+def _procedural_from_spec(spec: str, rest: str) -> ProceduralHQDataset:
+    usage = f"procedural dataset spec must be procedural:SEED[:LENGTH][:objects=MIN-MAX], got {spec!r}"
+    parts = rest.split(":")
+    objects = (1, 3)
+    if parts[-1].startswith("objects="):
+        low, _, high = parts.pop()[len("objects="):].partition("-")
+        try:
+            objects = (int(low), int(high or low))
+        except ValueError as error:
+            raise ValueError(usage) from error
+        if not 1 <= objects[0] <= objects[1]:
+            raise ValueError(f"objects=MIN-MAX needs 1 <= MIN <= MAX, got {spec!r}")
+    if not 1 <= len(parts) <= 2:
+        raise ValueError(usage)
+    try:
+        seed = int(parts[0])
+        length = int(parts[1]) if len(parts) > 1 else 1_000_000
+    except ValueError as error:
+        raise ValueError(usage) from error
+    return ProceduralHQDataset(seed, length, min_objects=objects[0], max_objects=objects[1])
+
+
 def load_dataset(spec: str) -> Any:
-    """A dataset from a command-line spec ``KIND:PATH[:PATH2]`` or ``procedural:SEED[:LENGTH]``.
+    """A dataset from a command-line spec ``KIND:PATH[:PATH2]`` or ``procedural:SEED[:LENGTH][:objects=MIN-MAX]``.
 
     KIND is one of dis5k, thinobject5k, coift, hrsod (a folder), sa1b (a folder), coco
     (``coco:ANNOTATIONS.json:IMAGE_DIR``), folder (``folder:IMAGE_DIR:MASK_DIR``) or procedural.
+    ``objects=2-4`` (or ``objects=3``) sets how many objects each procedural image has (default 1-3).
     """
     kind, _, rest = spec.partition(":")
     kind = kind.lower()
     if not rest:
         raise ValueError(f"dataset spec {spec!r} must be KIND:PATH (e.g. dis5k:data/DIS5K/DIS-VD, procedural:1)")
     if kind == "procedural":
-        parts = rest.split(":")
-        try:
-            seed = int(parts[0])
-            length = int(parts[1]) if len(parts) > 1 else 1_000_000
-        except ValueError as error:
-            raise ValueError(f"procedural dataset spec must be procedural:SEED[:LENGTH], got {spec!r}") from error
-        return ProceduralHQDataset(seed, length)
+        return _procedural_from_spec(spec, rest)
     if kind == "sa1b":
         return SA1BDataset(rest)
     if kind in ("coco", "folder"):
