@@ -5,7 +5,7 @@ choices recover it.
 For every object of every image the model gets the object's tight box (as `linmix sam eval` gives
 it). Each prediction is scored with linmix.sam.metrics.mask_iou and its pixels are split into hits,
 missed target, spill onto *other* objects and spill onto background (fractions of the union of
-prediction and target). Objects are grouped by how crowded their box is: the pixels of other
+prediction and target; the hit share is the IoU). Objects are grouped by how crowded their box is: the pixels of other
 objects inside the target's tight box, divided by the target's area. Note that the tables are per
 object; `linmix sam eval` averages per image first, so its mIoU differs slightly.
 
@@ -137,11 +137,11 @@ def main(argv=None) -> int:
     rows, variant_scores = analyse(model, dataset, limit=args.limit, variants=args.variants)
     print(f"{args.checkpoint or 'shipped model'} on {args.dataset}: {len(rows)} box-prompted objects, "
           f"mean IoU per object {np.mean([r['iou'] for r in rows]):.3f}")
-    print("\n| other objects in the box / target area | objects | IoU | hit | missed | on other objects | on background |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| other objects in the box / target area | objects | IoU (= hit share) | missed | on other objects | on background |")
+    print("|---|---|---|---|---|---|")
     for entry in crowding_table(rows):
         span = f"{entry['low']:g} - {entry['high']:g}" if entry["high"] != float("inf") else f">= {entry['low']:g}"
-        print(f"| {span} | {entry['objects']} | {entry['iou']:.3f} | {entry['hit']:.3f} | {entry['missed']:.3f} "
+        print(f"| {span} | {entry['objects']} | {entry['iou']:.3f} | {entry['missed']:.3f} "
               f"| {entry['on_other']:.3f} | {entry['on_background']:.3f} |")
     if variant_scores:
         print("\n| box prompt, test-time choice | mean IoU per object |\n|---|---|")
