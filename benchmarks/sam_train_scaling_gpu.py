@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--init", required=True, help="linmix RWKV-SAM safetensors to continue")
     parser.add_argument("--dataset-seed", type=int, default=6, help="procedural seed of the training images (held-out is 1)")
+    parser.add_argument("--objects", default="1-3",
+                        help="objects per training image, MIN-MAX (1-3 as the held-out split; 2-4 emphasises crowded boxes)")
     parser.add_argument("--budget-s", type=float, default=330.0, help="training wall time, evaluations excluded")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cudnn.allow_tf32 = True
     metadata = checkpoint_metadata(args.init)
     config = SamTrainConfig(variant=metadata.get("variant", "tiny"), token_mixer=metadata.get("token_mixer", "rwkv"),
-                            image_size=int(metadata.get("image_size", 256)), dataset=f"procedural:{args.dataset_seed}",
+                            image_size=int(metadata.get("image_size", 256)), dataset=f"procedural:{args.dataset_seed}:objects={args.objects}",
                             batch_size=args.batch_size, prompts_per_image=4, loss_points=4096, scale_range=(0.75, 1.33),
                             position_in_embedding=True, init_checkpoint=args.init)
     # The model is still on the CPU here: fork the batch makers before CUDA starts in this process.
