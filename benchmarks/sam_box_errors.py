@@ -74,6 +74,7 @@ def analyse(model, dataset, *, limit: int | None = None, variants: bool = False)
     from linmix.sam.predictor import RwkvSamPredictor
 
     predictor, flipped = RwkvSamPredictor(model.eval()), RwkvSamPredictor(model)
+    threshold = model.mask_threshold
     rows: list[dict[str, float]] = []
     variant_scores: dict[str, list[float]] = {}
     count = len(dataset) if limit is None else min(limit, len(dataset))
@@ -92,12 +93,11 @@ def analyse(model, dataset, *, limit: int | None = None, variants: bool = False)
                     others |= other
             box = tight_box(truth)
             logits, single_iou, low_res = predictor.predict(box=box, multimask_output=False, return_logits=True)
-            prediction = logits[0] > predictor.model.mask_threshold
+            prediction = logits[0] > threshold
             rows.append({"crowding": box_crowding(truth, others), "iou": mask_iou(prediction, truth),
                          **pixel_split(prediction, truth, others)})
             if not variants:
                 continue
-            threshold = predictor.model.mask_threshold
             multi, multi_iou, _ = predictor.predict(box=box, multimask_output=True, return_logits=True)
             candidates = [logits[0]] + list(multi)
             predicted = [float(v) for v in (*single_iou, *multi_iou)]

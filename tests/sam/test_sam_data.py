@@ -185,7 +185,9 @@ def test_procedural_object_count_option_and_default_split_unchanged():
     counts = [len(crowded[i].masks) for i in range(10)]
     # Objects hidden by later ones (or left too small) are dropped, so a few images keep fewer.
     assert max(counts) <= 4 and sum(c >= 3 for c in counts) >= 7
-    assert len(load_dataset("procedural:2:5:objects=2")[0].masks) <= 2
+    exactly_two = load_dataset("procedural:2:5:objects=2")
+    assert (exactly_two.min_objects, exactly_two.max_objects, len(exactly_two)) == (2, 2, 5)
+    assert 1 <= len(exactly_two[0].masks) <= 2
     for bad in ("procedural:1:objects=3-2", "procedural:1:objects=0-2", "procedural:1:objects=two", "procedural:1:5:6"):
         with pytest.raises(ValueError, match="procedural"):
             load_dataset(bad)

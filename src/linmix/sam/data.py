@@ -900,14 +900,14 @@ class TeacherFeatureBatchSource:
 def _procedural_from_spec(spec: str, rest: str) -> ProceduralHQDataset:
     usage = f"procedural dataset spec must be procedural:SEED[:LENGTH][:objects=MIN-MAX], got {spec!r}"
     parts = rest.split(":")
-    objects = (1, 3)
+    objects: dict[str, int] = {}  # empty: the generator's default count
     if parts[-1].startswith("objects="):
         low, _, high = parts.pop()[len("objects="):].partition("-")
         try:
-            objects = (int(low), int(high or low))
+            objects = {"min_objects": int(low), "max_objects": int(high or low)}
         except ValueError as error:
             raise ValueError(usage) from error
-        if not 1 <= objects[0] <= objects[1]:
+        if not 1 <= objects["min_objects"] <= objects["max_objects"]:
             raise ValueError(f"objects=MIN-MAX needs 1 <= MIN <= MAX, got {spec!r}")
     if not 1 <= len(parts) <= 2:
         raise ValueError(usage)
@@ -916,7 +916,7 @@ def _procedural_from_spec(spec: str, rest: str) -> ProceduralHQDataset:
         length = int(parts[1]) if len(parts) > 1 else 1_000_000
     except ValueError as error:
         raise ValueError(usage) from error
-    return ProceduralHQDataset(seed, length, min_objects=objects[0], max_objects=objects[1])
+    return ProceduralHQDataset(seed, length, **objects)
 
 
 def load_dataset(spec: str) -> Any:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from linmix.sam.data import tight_box
 from linmix.sam.metrics import boundary_iou, erode, mask_iou
 
 __all__ = ["PROMPT_KINDS", "evaluate_datasets", "evaluate_model", "innermost_pixel", "point_prompt_from_mask", "results_to_markdown"]
@@ -70,11 +71,6 @@ def point_prompt_from_mask(mask: np.ndarray, count: int, rng: np.random.Generato
     return np.array(points, dtype=np.float64), np.ones(count, dtype=np.int64)
 
 
-def _tight_box(mask: np.ndarray) -> np.ndarray:
-    ys, xs = np.nonzero(mask)
-    return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float64)
-
-
 @torch.no_grad()
 def evaluate_model(
     model,
@@ -113,7 +109,7 @@ def evaluate_model(
             objects += 1
             for kind in prompt_kinds:
                 if kind == "box":
-                    prediction, _, _ = predictor.predict(box=_tight_box(truth), multimask_output=False)
+                    prediction, _, _ = predictor.predict(box=tight_box(truth), multimask_output=False)
                     prediction = prediction[0]
                 else:
                     coords, labels = point_prompt_from_mask(truth, points, rng)
