@@ -14,8 +14,20 @@ outputs chosen by the IoU head, the best of the four outputs chosen with the gro
 upper bound on any selection rule), logits averaged with a horizontally flipped image, and one
 pass of refinement with the first pass's low-resolution logits as the mask prompt.
 
+With --probes it asks where the information that tells the target from the other objects is lost:
+at the model's low-resolution logit grid, inside each target's box (grown by two grid cells), a
+class-balanced logistic regression is fitted per object on half of the cells (a checkerboard of
+4 x 4 blocks) and scored (IoU with the target) on the other half, for each of: the decoder's
+prompt-conditioned map that the mask token's hypernetwork output is dotted with (the model's own
+readout is one point of that family), the image encoder's outputs (embedding, stage-2 and stage-1
+maps upsampled to the grid), the stage-1 map alone, the input image's colour (each cell's 4 x 4
+RGB pixels), and, as a control for what position alone can draw, random Fourier features of the
+cell position with as many channels as the encoder outputs. A probe is an upper bound fitted with
+the answer; a large gap between two stages says the later one drops what the earlier one had.
+
     python benchmarks/sam_box_errors.py                                   # the shipped model, procedural:1:100
     python benchmarks/sam_box_errors.py --checkpoint run.safetensors --variants
+    python benchmarks/sam_box_errors.py --probes --limit 30
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ import sys
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from linmix.sam.data import load_dataset, tight_box
 from linmix.sam.metrics import mask_iou
@@ -51,14 +64,14 @@ def pixel_split(prediction: np.ndarray, truth: np.ndarray, others: np.ndarray) -
     }
 
 
-def crowding_table(rows: list[dict[str, float]]) -> list[dict[str, float]]:
-    """Mean IoU and pixel split per crowding group (groups with no objects are left out)."""
+def crowding_table(rows: list[dict[str, float]], keys=("iou", "hit", "missed", "on_other", "on_background")) -> list[dict[str, float]]:
+    """Mean of ``keys`` (default: IoU and pixel split) per crowding group (groups with no objects are left out)."""
     table, low = [], 0.0
     for high in CROWDING_EDGES:
         group = [row for row in rows if low <= row["crowding"] < high]
         if group:
             entry = {"low": low, "high": high, "objects": len(group)}
-            for key in ("iou", "hit", "missed", "on_other", "on_background"):
+            for key in keys:
                 entry[key] = float(np.mean([row[key] for row in group]))
             table.append(entry)
         low = high
@@ -117,12 +130,129 @@ def analyse(model, dataset, *, limit: int | None = None, variants: bool = False)
     return rows, {name: float(np.mean(values)) for name, values in variant_scores.items()}
 
 
+PROBES = ("model's own logits", "decoder map", "encoder outputs", "stage-1 map", "image colour (4x4 px)", "position only (control)")
+
+
+def fit_linear_probe(features: torch.Tensor, target: torch.Tensor, train: torch.Tensor, *, l2: float = 1e-3) -> torch.Tensor:
+    """Logits for every row of ``features`` [N, C] from a logistic regression fitted on the ``train`` rows
+    against ``target`` [N] (0/1): features standardised on the training rows, both classes weighted
+    equally, L2 penalty ``l2`` on the weights, L-BFGS."""
+    x = features.double()
+    mean, std = x[train].mean(0), x[train].std(0) + 1e-6
+    x = torch.cat([(x - mean) / std, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    y = target.double()[train]
+    positive = y.mean().clamp(1e-3, 1 - 1e-3)
+    weight = torch.where(y > 0.5, 0.5 / positive, 0.5 / (1 - positive))
+    w = torch.zeros(x.shape[1], dtype=x.dtype, requires_grad=True)
+    optimizer = torch.optim.LBFGS([w], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(x[train] @ w, y, weight=weight) + l2 * (w[:-1] ** 2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return (x @ w).detach().float()
+
+
+def _cell_iou(prediction: torch.Tensor, truth: torch.Tensor) -> float:
+    union = int((prediction | truth).sum())
+    return float((prediction & truth).sum()) / union if union else 1.0
+
+
+class _DecoderMapTap:
+    """Keeps the decoder's last fused (or upscaled) map: what the hypernetwork output is dotted with."""
+
+    def __init__(self, decoder):
+        self.decoder, self.map = decoder, None
+
+    def __enter__(self):
+        decoder = self.decoder
+        if getattr(decoder, "hq_fusion", False):
+            original = decoder._hq_fuse
+
+            def tapped(*args, **kwargs):
+                self.map = original(*args, **kwargs).detach()
+                return self.map
+
+            decoder._hq_fuse = tapped
+            self._undo = lambda: delattr(decoder, "_hq_fuse")
+        else:
+            handle = decoder.output_upscaling.register_forward_hook(lambda _m, _i, out: setattr(self, "map", out.detach()))
+            self._undo = handle.remove
+        return self
+
+    def __exit__(self, *exc):
+        self._undo()
+
+
+def probe(model, dataset, *, limit: int | None = None) -> list[dict[str, float]]:
+    """Per box-prompted object: crowding and the held-out-cell IoU of each of :data:`PROBES` (see the module doc)."""
+    from linmix.sam.predictor import RwkvSamPredictor
+
+    predictor = RwkvSamPredictor(model.eval())
+    rows: list[dict[str, float]] = []
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    generator = torch.Generator().manual_seed(0)
+    with _DecoderMapTap(model.mask_decoder) as tap:
+        for index in range(count):
+            sample = dataset[index]
+            masks = [m for m in np.asarray(sample.masks) if m.any()]
+            if not masks:
+                continue
+            predictor.set_image(sample.image)
+            features = predictor.get_image_features()
+            frame = model.image_size
+            grid = frame // 4
+            height, width = predictor.input_size
+            if features.hq_features is None:
+                raise ValueError("--probes needs a model with the high-quality fusion (its stage-1 and stage-2 maps)")
+            embedding, (stage1, stage2) = features.embedding, features.hq_features
+            embedding, stage1, stage2 = (F.interpolate(t.float(), (grid, grid), mode="bilinear", align_corners=False)[0]
+                                         for t in (embedding, stage1, stage2))
+            encoder = torch.cat([embedding, stage2, stage1])
+            image = torch.from_numpy(np.ascontiguousarray(sample.image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+            image = F.interpolate(image, (height, width), mode="bilinear", align_corners=False, antialias=True)
+            colour = F.unfold(F.pad(image, (0, frame - width, 0, frame - height)), 4, stride=4).view(-1, grid, grid)
+            rows_index, cols_index = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+            frequencies = torch.randn(2, encoder.shape[0], generator=generator) * 0.3
+            phases = torch.rand(encoder.shape[0], generator=generator) * 2 * np.pi
+            position = torch.cos(torch.stack([rows_index, cols_index], -1).float() @ frequencies + phases).permute(2, 0, 1)
+            held_out = ((rows_index // 4 + cols_index // 4) % 2 == 1).flatten()
+            valid = (rows_index < (height + 3) // 4) & (cols_index < (width + 3) // 4)
+            scale = height / sample.image.shape[0]
+            for j, truth in enumerate(masks):
+                others = np.zeros_like(truth)
+                for k, other in enumerate(masks):
+                    if k != j:
+                        others |= other
+                box = tight_box(truth)
+                _, _, low_res = predictor.predict(box=box, multimask_output=False, return_logits=True)
+                target = torch.from_numpy(truth.astype(np.float32))[None, None]
+                target = F.interpolate(target, (height, width), mode="bilinear", align_corners=False, antialias=True)
+                target = (F.avg_pool2d(F.pad(target, (0, frame - width, 0, frame - height)), 4)[0, 0] > 0.5).flatten()
+                x0, y0, x1, y1 = (box * scale / 4).astype(int)
+                region = (valid & (cols_index >= x0 - 2) & (cols_index <= x1 + 2) & (rows_index >= y0 - 2) & (rows_index <= y1 + 2)).flatten()
+                train, test = region & ~held_out, region & held_out
+                if train.sum() < 2 or test.sum() < 1 or target[train].all() or not target[train].any():
+                    continue
+                row = {"crowding": box_crowding(truth, others),
+                       PROBES[0]: _cell_iou(torch.from_numpy(low_res[0]).flatten()[test] > 0, target[test])}
+                for name, cells in zip(PROBES[1:], (tap.map[0], encoder, stage1, colour, position)):
+                    logits = fit_linear_probe(cells.flatten(1).T[region], target[region], train[region])
+                    row[name] = _cell_iou(logits[test[region]] > 0, target[test])
+                rows.append(row)
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="a linmix RWKV-SAM safetensors file (default: the shipped model)")
     parser.add_argument("--dataset", default="procedural:1:100", help="a `linmix sam eval` dataset spec")
     parser.add_argument("--limit", type=int, default=None, help="only the first N images")
     parser.add_argument("--variants", action="store_true", help="also score test-time alternatives")
+    parser.add_argument("--probes", action="store_true", help="linear probes: where the target's identity is lost")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -134,6 +264,16 @@ def main(argv=None) -> int:
     else:
         model = load_default()
     dataset = load_dataset(args.dataset)
+    if args.probes:
+        rows = probe(model, dataset, limit=args.limit)
+        print(f"{args.checkpoint or 'shipped model'} on {args.dataset}: {len(rows)} box-prompted objects; IoU on held-out "
+              "cells of the logit grid inside each box, of the model's own mask and of linear probes fitted per object")
+        print("\n| other objects in the box / target area | objects | " + " | ".join(PROBES) + " |")
+        print("|---|---|" + "---|" * len(PROBES))
+        for entry in crowding_table(rows, keys=PROBES) + [{"low": None, "objects": len(rows), **{k: float(np.mean([r[k] for r in rows])) for k in PROBES}}]:
+            span = "all" if entry["low"] is None else (f"{entry['low']:g} - {entry['high']:g}" if entry["high"] != float("inf") else f">= {entry['low']:g}")
+            print(f"| {span} | {entry['objects']} | " + " | ".join(f"{entry[k]:.3f}" for k in PROBES) + " |")
+        return 0
     rows, variant_scores = analyse(model, dataset, limit=args.limit, variants=args.variants)
     print(f"{args.checkpoint or 'shipped model'} on {args.dataset}: {len(rows)} box-prompted objects, "
           f"mean IoU per object {np.mean([r['iou'] for r in rows]):.3f}")

@@ -50,3 +50,50 @@ def test_script_prints_both_tables(tmp_path, capsys):
     assert len(scores) == 6 and all(0.0 <= value <= 1.0 for value in scores.values())
     # No selection rule beats choosing with the ground truth.
     assert scores["best of 4 by ground truth (upper bound)"] >= max(scores["best of 4 by IoU head"], scores["single mask (what eval uses)"])
+
+
+def test_linear_probe_separates_separable_cells_and_not_noise():
+    errors = load_benchmark("sam_box_errors")
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(400, 5, generator=generator)
+    target = features[:, 2] + 0.5 * features[:, 4] > 0.3
+    train = torch.arange(400) % 2 == 0
+    logits = errors.fit_linear_probe(features, target, train)
+    assert ((logits[~train] > 0) == target[~train]).float().mean() > 0.95
+    # Labels unrelated to the features: held-out accuracy stays near chance.
+    noise_target = torch.rand(400, generator=generator) > 0.5
+    logits = errors.fit_linear_probe(features, noise_target, train)
+    assert 0.3 < ((logits[~train] > 0) == noise_target[~train]).float().mean() < 0.7
+
+
+def test_decoder_map_tap_is_what_the_mask_token_reads(tmp_path):
+    """The model's own low-resolution logits are the first hypernetwork output dotted with the tapped map."""
+    from linmix.sam.predictor import RwkvSamPredictor
+
+    errors = load_benchmark("sam_box_errors")
+    torch.manual_seed(0)
+    model = build_rwkv_sam("tiny", image_size=64).eval()
+    predictor = RwkvSamPredictor(model)
+    predictor.set_image(np.random.default_rng(0).integers(0, 255, (50, 64, 3), dtype=np.uint8))
+    weights = {}
+    handle = model.mask_decoder.output_hypernetworks_mlps[0].register_forward_hook(lambda _m, _i, out: weights.setdefault("w", out))
+    with errors._DecoderMapTap(model.mask_decoder) as tap:
+        _, _, low_res = predictor.predict(box=np.array([5, 6, 40, 30]), multimask_output=False, return_logits=True)
+    handle.remove()
+    assert "_hq_fuse" not in vars(model.mask_decoder)  # the tap is undone
+    readout = torch.einsum("c,chw->hw", weights["w"][0].detach(), tap.map[0])
+    torch.testing.assert_close(readout, torch.from_numpy(low_res[0]), atol=1e-4, rtol=1e-4)
+
+
+def test_script_prints_the_probe_table(tmp_path, capsys):
+    errors = load_benchmark("sam_box_errors")
+    torch.manual_seed(0)
+    path = tmp_path / "tiny.safetensors"
+    save_rwkv_sam(build_rwkv_sam("tiny", image_size=64), path)
+    assert errors.main(["--checkpoint", str(path), "--dataset", "procedural:1:3", "--probes", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("| other objects"))
+    assert all(name in header for name in errors.PROBES)
+    total = next(line for line in out.splitlines() if line.startswith("| all |"))
+    values = [float(cell) for cell in total.strip("|").split("|")[2:]]
+    assert len(values) == len(errors.PROBES) and all(0.0 <= value <= 1.0 for value in values)
