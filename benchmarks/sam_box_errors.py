@@ -64,6 +64,21 @@ def pixel_split(prediction: np.ndarray, truth: np.ndarray, others: np.ndarray) -
     }
 
 
+def prompted_objects(dataset, limit: int | None = None):
+    """``(sample, truth, others)`` for every non-empty object of the first ``limit`` images (all by
+    default), ``others`` being the union of that image's other objects; a sample's objects come in a row."""
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    for index in range(count):
+        sample = dataset[index]
+        masks = [m for m in np.asarray(sample.masks) if m.any()]
+        for j, truth in enumerate(masks):
+            others = np.zeros_like(truth)
+            for k, other in enumerate(masks):
+                if k != j:
+                    others |= other
+            yield sample, truth, others
+
+
 def crowding_table(rows: list[dict[str, float]], keys=("iou", "hit", "missed", "on_other", "on_background")) -> list[dict[str, float]]:
     """Mean of ``keys`` (default: IoU and pixel split) per crowding group (groups with no objects are left out)."""
     table, low = [], 0.0
@@ -90,43 +105,36 @@ def analyse(model, dataset, *, limit: int | None = None, variants: bool = False)
     threshold = model.mask_threshold
     rows: list[dict[str, float]] = []
     variant_scores: dict[str, list[float]] = {}
-    count = len(dataset) if limit is None else min(limit, len(dataset))
-    for index in range(count):
-        sample = dataset[index]
-        masks = [m for m in np.asarray(sample.masks) if m.any()]
-        if not masks:
+    current = None
+    for sample, truth, others in prompted_objects(dataset, limit):
+        if sample is not current:
+            current = sample
+            predictor.set_image(sample.image)
+            if variants:
+                flipped.set_image(np.ascontiguousarray(sample.image[:, ::-1]))
+        box = tight_box(truth)
+        logits, single_iou, low_res = predictor.predict(box=box, multimask_output=False, return_logits=True)
+        prediction = logits[0] > threshold
+        rows.append({"crowding": box_crowding(truth, others), "iou": mask_iou(prediction, truth),
+                     **pixel_split(prediction, truth, others)})
+        if not variants:
             continue
-        predictor.set_image(sample.image)
-        if variants:
-            flipped.set_image(np.ascontiguousarray(sample.image[:, ::-1]))
-        for j, truth in enumerate(masks):
-            others = np.zeros_like(truth)
-            for k, other in enumerate(masks):
-                if k != j:
-                    others |= other
-            box = tight_box(truth)
-            logits, single_iou, low_res = predictor.predict(box=box, multimask_output=False, return_logits=True)
-            prediction = logits[0] > threshold
-            rows.append({"crowding": box_crowding(truth, others), "iou": mask_iou(prediction, truth),
-                         **pixel_split(prediction, truth, others)})
-            if not variants:
-                continue
-            multi, multi_iou, _ = predictor.predict(box=box, multimask_output=True, return_logits=True)
-            candidates = [logits[0]] + list(multi)
-            predicted = [float(v) for v in (*single_iou, *multi_iou)]
-            ious = [mask_iou(c > threshold, truth) for c in candidates]
-            mirrored, _, _ = flipped.predict(box=_flipped_box(box, truth.shape[1]), multimask_output=False, return_logits=True)
-            refined, _, _ = predictor.predict(box=box, mask_input=low_res, multimask_output=False, return_logits=True)
-            scores = {
-                "single mask (what eval uses)": ious[0],
-                "best of 3 multimask by IoU head": ious[1 + int(np.argmax(predicted[1:]))],
-                "best of 4 by IoU head": ious[int(np.argmax(predicted))],
-                "best of 4 by ground truth (upper bound)": max(ious),
-                "flip-averaged logits": mask_iou((logits[0] + mirrored[0][:, ::-1]) / 2 > threshold, truth),
-                "refined with own mask prompt": mask_iou(refined[0] > threshold, truth),
-            }
-            for name, value in scores.items():
-                variant_scores.setdefault(name, []).append(value)
+        multi, multi_iou, _ = predictor.predict(box=box, multimask_output=True, return_logits=True)
+        candidates = [logits[0]] + list(multi)
+        predicted = [float(v) for v in (*single_iou, *multi_iou)]
+        ious = [mask_iou(c > threshold, truth) for c in candidates]
+        mirrored, _, _ = flipped.predict(box=_flipped_box(box, truth.shape[1]), multimask_output=False, return_logits=True)
+        refined, _, _ = predictor.predict(box=box, mask_input=low_res, multimask_output=False, return_logits=True)
+        scores = {
+            "single mask (what eval uses)": ious[0],
+            "best of 3 multimask by IoU head": ious[1 + int(np.argmax(predicted[1:]))],
+            "best of 4 by IoU head": ious[int(np.argmax(predicted))],
+            "best of 4 by ground truth (upper bound)": max(ious),
+            "flip-averaged logits": mask_iou((logits[0] + mirrored[0][:, ::-1]) / 2 > threshold, truth),
+            "refined with own mask prompt": mask_iou(refined[0] > threshold, truth),
+        }
+        for name, value in scores.items():
+            variant_scores.setdefault(name, []).append(value)
     return rows, {name: float(np.mean(values)) for name, values in variant_scores.items()}
 
 
@@ -193,56 +201,49 @@ def probe(model, dataset, *, limit: int | None = None) -> list[dict[str, float]]
 
     predictor = RwkvSamPredictor(model.eval())
     rows: list[dict[str, float]] = []
-    count = len(dataset) if limit is None else min(limit, len(dataset))
     generator = torch.Generator().manual_seed(0)
+    frame = model.image_size
+    grid = frame // 4
+    rows_index, cols_index = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    held_out = ((rows_index // 4 + cols_index // 4) % 2 == 1).flatten()
+    current = None
     with _DecoderMapTap(model.mask_decoder) as tap:
-        for index in range(count):
-            sample = dataset[index]
-            masks = [m for m in np.asarray(sample.masks) if m.any()]
-            if not masks:
+        for sample, truth, others in prompted_objects(dataset, limit):
+            if sample is not current:  # the per-image maps, once for all of the image's objects
+                current = sample
+                predictor.set_image(sample.image)
+                features = predictor.get_image_features()
+                if features.hq_features is None:
+                    raise ValueError("--probes needs a model with the high-quality fusion (its stage-1 and stage-2 maps)")
+                height, width = predictor.input_size
+                embedding, (stage1, stage2) = features.embedding, features.hq_features
+                embedding, stage1, stage2 = (F.interpolate(t.float(), (grid, grid), mode="bilinear", align_corners=False)[0]
+                                             for t in (embedding, stage1, stage2))
+                encoder = torch.cat([embedding, stage2, stage1])
+                image = torch.from_numpy(np.ascontiguousarray(sample.image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+                image = F.interpolate(image, (height, width), mode="bilinear", align_corners=False, antialias=True)
+                colour = F.unfold(F.pad(image, (0, frame - width, 0, frame - height)), 4, stride=4).view(-1, grid, grid)
+                frequencies = torch.randn(2, encoder.shape[0], generator=generator) * 0.3
+                phases = torch.rand(encoder.shape[0], generator=generator) * 2 * np.pi
+                position = torch.cos(torch.stack([rows_index, cols_index], -1).float() @ frequencies + phases).permute(2, 0, 1)
+                valid = (rows_index < (height + 3) // 4) & (cols_index < (width + 3) // 4)
+                scale = height / sample.image.shape[0]
+            box = tight_box(truth)
+            _, _, low_res = predictor.predict(box=box, multimask_output=False, return_logits=True)
+            target = torch.from_numpy(truth.astype(np.float32))[None, None]
+            target = F.interpolate(target, (height, width), mode="bilinear", align_corners=False, antialias=True)
+            target = (F.avg_pool2d(F.pad(target, (0, frame - width, 0, frame - height)), 4)[0, 0] > 0.5).flatten()
+            x0, y0, x1, y1 = (box * scale / 4).astype(int)
+            region = (valid & (cols_index >= x0 - 2) & (cols_index <= x1 + 2) & (rows_index >= y0 - 2) & (rows_index <= y1 + 2)).flatten()
+            train, test = region & ~held_out, region & held_out
+            if train.sum() < 2 or test.sum() < 1 or target[train].all() or not target[train].any():
                 continue
-            predictor.set_image(sample.image)
-            features = predictor.get_image_features()
-            frame = model.image_size
-            grid = frame // 4
-            height, width = predictor.input_size
-            if features.hq_features is None:
-                raise ValueError("--probes needs a model with the high-quality fusion (its stage-1 and stage-2 maps)")
-            embedding, (stage1, stage2) = features.embedding, features.hq_features
-            embedding, stage1, stage2 = (F.interpolate(t.float(), (grid, grid), mode="bilinear", align_corners=False)[0]
-                                         for t in (embedding, stage1, stage2))
-            encoder = torch.cat([embedding, stage2, stage1])
-            image = torch.from_numpy(np.ascontiguousarray(sample.image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
-            image = F.interpolate(image, (height, width), mode="bilinear", align_corners=False, antialias=True)
-            colour = F.unfold(F.pad(image, (0, frame - width, 0, frame - height)), 4, stride=4).view(-1, grid, grid)
-            rows_index, cols_index = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-            frequencies = torch.randn(2, encoder.shape[0], generator=generator) * 0.3
-            phases = torch.rand(encoder.shape[0], generator=generator) * 2 * np.pi
-            position = torch.cos(torch.stack([rows_index, cols_index], -1).float() @ frequencies + phases).permute(2, 0, 1)
-            held_out = ((rows_index // 4 + cols_index // 4) % 2 == 1).flatten()
-            valid = (rows_index < (height + 3) // 4) & (cols_index < (width + 3) // 4)
-            scale = height / sample.image.shape[0]
-            for j, truth in enumerate(masks):
-                others = np.zeros_like(truth)
-                for k, other in enumerate(masks):
-                    if k != j:
-                        others |= other
-                box = tight_box(truth)
-                _, _, low_res = predictor.predict(box=box, multimask_output=False, return_logits=True)
-                target = torch.from_numpy(truth.astype(np.float32))[None, None]
-                target = F.interpolate(target, (height, width), mode="bilinear", align_corners=False, antialias=True)
-                target = (F.avg_pool2d(F.pad(target, (0, frame - width, 0, frame - height)), 4)[0, 0] > 0.5).flatten()
-                x0, y0, x1, y1 = (box * scale / 4).astype(int)
-                region = (valid & (cols_index >= x0 - 2) & (cols_index <= x1 + 2) & (rows_index >= y0 - 2) & (rows_index <= y1 + 2)).flatten()
-                train, test = region & ~held_out, region & held_out
-                if train.sum() < 2 or test.sum() < 1 or target[train].all() or not target[train].any():
-                    continue
-                row = {"crowding": box_crowding(truth, others),
-                       PROBES[0]: _cell_iou(torch.from_numpy(low_res[0]).flatten()[test] > 0, target[test])}
-                for name, cells in zip(PROBES[1:], (tap.map[0], encoder, stage1, colour, position)):
-                    logits = fit_linear_probe(cells.flatten(1).T[region], target[region], train[region])
-                    row[name] = _cell_iou(logits[test[region]] > 0, target[test])
-                rows.append(row)
+            row = {"crowding": box_crowding(truth, others),
+                   PROBES[0]: _cell_iou(torch.from_numpy(low_res[0]).flatten()[test] > 0, target[test])}
+            for name, cells in zip(PROBES[1:], (tap.map[0], encoder, stage1, colour, position)):
+                logits = fit_linear_probe(cells.flatten(1).T[region], target[region], train[region])
+                row[name] = _cell_iou(logits[test[region]] > 0, target[test])
+            rows.append(row)
     return rows
 
 
