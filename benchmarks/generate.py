@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from linmix.lm import BasedForCausalLM, preset
+from linmix.lm.baselines import parameter_matched_transformer
 from linmix.utils.memory import peak_memory_mib, pin_malloc_threshold
 
 VOCAB = 50257
@@ -37,22 +38,13 @@ def build_models(d_model: int, n_layer: int):
                           linear_attention_heads=heads, num_heads=heads, window=64,
                           layer_types=preset("based-small").layer_types[:n_layer])
     based = BasedForCausalLM(based_config).eval()
-    target = based.num_parameters()
-    best = None
-    for hidden in range(d_model, 8 * d_model + 1, 32):  # the MLP width that matches BASED best
-        config = preset("transformer-pp-small", d_model=d_model, n_layer=n_layer, mlp_hidden=hidden,
-                        vocab_size=VOCAB, num_heads=heads)
-        with torch.device("meta"):
-            count = BasedForCausalLM(config).num_parameters()
-        if best is None or abs(count - target) < abs(best[1] - target):
-            best = (config, count)
-    transformer = BasedForCausalLM(best[0]).eval()
+    transformer = BasedForCausalLM(parameter_matched_transformer(based_config, multiple_of=32)).eval()
     llama = None
     try:
         from transformers import LlamaConfig, LlamaForCausalLM
 
         llama_config = LlamaConfig(vocab_size=based_config.padded_vocab_size, hidden_size=d_model,
-                                   intermediate_size=best[0].mlp_hidden, num_hidden_layers=n_layer,
+                                   intermediate_size=transformer.config.mlp_hidden, num_hidden_layers=n_layer,
                                    num_attention_heads=heads, num_key_value_heads=heads,
                                    max_position_embeddings=1 << 16, tie_word_embeddings=True)
         llama = LlamaForCausalLM(llama_config).eval()

@@ -46,6 +46,7 @@ import torch
 
 from linmix.layers.attention import KVCache
 from linmix.lm import BasedForCausalLM, preset
+from linmix.lm.baselines import parameter_matched_transformer
 from linmix.lm.cuda_graph import GraphedGreedyDecoder
 from linmix.lm.generation import prefill as run_prefill
 from linmix.ops import (
@@ -60,6 +61,7 @@ from linmix.ops import (
 )
 from linmix.ops.feature_maps import taylor_feature_dim
 from linmix.sam.backbone import RwkvSamImageEncoder
+from linmix.utils.testing import rms_relative_error
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 VOCAB = 50257
@@ -68,11 +70,6 @@ warnings.filterwarnings("ignore", message=".*flex_attention called without torch
 
 # ----------------------------------------------------------------------------------------------
 # helpers
-
-
-def rms_relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
-    return float((actual - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt().clamp_min(1e-30))
 
 
 class Clock:
@@ -169,7 +166,7 @@ def run_checks(device: torch.device, tiny: bool) -> list[dict]:
             expected = linear_attention_reference(q.double(), k.double(), v.double())
             actual = linear_attention(*(t.to(device, dtype) for t in (q, k, v)))
             path = "fla parallel_based" if (device.type == "cuda" and _fla_parallel_based() is not None) else "torch chunked"
-            record("linear attention prefill", dtype, rms_relative(actual, expected), path)
+            record("linear attention prefill", dtype, rms_relative_error(actual, expected), path)
 
         if has_triton:
             with guarded("Taylor decode step (Triton)", dtype):  # from a state after a prompt
@@ -178,8 +175,8 @@ def run_checks(device: torch.device, tiny: bool) -> list[dict]:
                 expected, _ = linear_attention_step(reference_state, q.double()[:, -1], k.double()[:, -1], v.double()[:, -1])
                 kernel_state = LinearAttentionState(kv=state.kv.float().to(device), k_sum=state.k_sum.float().to(device))
                 actual, _ = linear_attention_step(kernel_state, *(t[:, -1].to(device, dtype) for t in (q, k, v)), backend="triton")
-                record("Taylor decode step (Triton)", dtype, rms_relative(actual, expected))
-                record("Taylor decode step state (Triton)", dtype, rms_relative(kernel_state.kv, reference_state.kv))
+                record("Taylor decode step (Triton)", dtype, rms_relative_error(actual, expected))
+                record("Taylor decode step state (Triton)", dtype, rms_relative_error(kernel_state.kv, reference_state.kv))
         else:
             skip("Taylor decode step (Triton)", "triton not usable here (no CUDA, TRITON_INTERPRET unset)")
 
@@ -192,7 +189,7 @@ def run_checks(device: torch.device, tiny: bool) -> list[dict]:
             backend = "auto" if device.type == "cuda" else "flex"
             actual = sliding_window_attention(*(t.to(device, dtype) for t in (q, k, v)), window=window,
                                               key_padding_mask=mask.to(device), backend=backend)
-            record("sliding-window prefill (FlexAttention)", dtype, rms_relative(actual, expected))
+            record("sliding-window prefill (FlexAttention)", dtype, rms_relative_error(actual, expected))
 
         if has_triton:
             with guarded("Bi-WKV forward (Triton)", dtype):  # at a Vision-RWKV-like scale: w / T, u / T
@@ -202,7 +199,7 @@ def run_checks(device: torch.device, tiny: bool) -> list[dict]:
                 expected = bi_wkv_reference(w.double(), u.double(), k.double(), v.double())
                 actual = bi_wkv(w.to(device), u.to(device), k.to(device, dtype), v.to(device, dtype), backend="triton",
                                 chunk_size=8 if tiny else 64)
-                record("Bi-WKV forward (Triton)", dtype, rms_relative(actual, expected))
+                record("Bi-WKV forward (Triton)", dtype, rms_relative_error(actual, expected))
         else:
             skip("Bi-WKV forward (Triton)", "triton not usable here")
 
@@ -215,7 +212,7 @@ def run_checks(device: torch.device, tiny: bool) -> list[dict]:
             expected = torch.autograd.grad(bi_wkv_reference(*leaves), leaves, upstream.double())
             leaves = [t.to(device).requires_grad_() for t in inputs]
             actual = torch.autograd.grad(bi_wkv(*leaves, backend="triton"), leaves, upstream.to(device))
-            record("Bi-WKV gradients (Triton fwd + torch bwd)", torch.float32, max(rms_relative(a, e) for a, e in zip(actual, expected)))
+            record("Bi-WKV gradients (Triton fwd + torch bwd)", torch.float32, max(rms_relative_error(a, e) for a, e in zip(actual, expected)))
 
     # Whole model (BASED with all three mixers) against CPU fp32, and the graphed decode step against
     # the model's own step on the same device, fed the same tokens, past several ring-buffer wraps.
@@ -239,7 +236,7 @@ def run_checks(device: torch.device, tiny: bool) -> list[dict]:
         model = model.to(device, dtype)
         with guarded("BASED forward", dtype), torch.no_grad():
             # bf16 weights and activations through 4 blocks: a looser end-to-end bound than one op's.
-            record("BASED forward", dtype, rms_relative(model(prompt.to(device)).logits.float(), expected_logits),
+            record("BASED forward", dtype, rms_relative_error(model(prompt.to(device)).logits.float(), expected_logits),
                    tolerance=1e-4 if dtype == torch.float32 else 6e-2)
         name = "graphed decode step vs model.step" if device.type == "cuda" else "static decode step (eager) vs model.step"
         with guarded(name, dtype), torch.no_grad():
@@ -252,7 +249,7 @@ def run_checks(device: torch.device, tiny: bool) -> list[dict]:
                 previous = decoder.token.clone()
                 decoder.step()
                 expected, eager_state = model.step(previous, eager_state)
-                worst = max(worst, rms_relative(decoder.logits.float(), expected.float()))
+                worst = max(worst, rms_relative_error(decoder.logits.float(), expected.float()))
             decoder.finish()
             record(name, dtype, worst, f"worst step of {steps} (window {config.window})")
     return checks
@@ -268,25 +265,11 @@ def build_pair(tiny: bool, device: torch.device, dtype: torch.dtype):
         based_config = preset("based-tiny", vocab_size=512)
     else:
         based_config = preset("based-1b", vocab_size=VOCAB)
-    d_model, n_layer = based_config.d_model, based_config.n_layer
-
-    def transformer_config(hidden: int):
-        return preset("transformer-pp-small", d_model=d_model, n_layer=n_layer, mlp_hidden=hidden,
-                      layer_types=["attention"] * n_layer, vocab_size=based_config.vocab_size, num_heads=based_config.num_heads)
-
-    def count(config) -> int:
-        # Large models are counted without allocating; tiny ones directly (meta's first use costs seconds).
-        with torch.device("cpu" if tiny else "meta"):
-            return BasedForCausalLM(config).num_parameters()
-
-    # The parameter count is linear in the MLP width: solve for the width (a multiple of 8) that matches.
-    target, base = count(based_config), count(transformer_config(d_model))
-    per_unit = (count(transformer_config(d_model + 8)) - base) / 8
-    hidden = max(8, d_model + 8 * round((target - base) / per_unit / 8))
+    transformer_config = parameter_matched_transformer(based_config, multiple_of=8)
     torch.manual_seed(0)
     with torch.device(device):
         based = BasedForCausalLM(based_config).to(dtype).eval()
-        transformer = BasedForCausalLM(transformer_config(hidden)).to(dtype).eval()
+        transformer = BasedForCausalLM(transformer_config).to(dtype).eval()
     return {"BASED": based, "Transformer++": transformer}
 
 

@@ -9,19 +9,12 @@ from types import ModuleType
 
 import torch
 
+from linmix.utils.testing import max_relative_error, rms_relative_error  # noqa: F401  (re-exported for the tests)
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 # RMS-relative tolerances by the dtype the fast path ran in (the reference runs in fp64/fp32).
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
-
-
-def rms_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """||actual - expected||_rms / ||expected||_rms, computed in fp64."""
-    actual = actual.detach().double()
-    expected = expected.detach().double()
-    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    denominator = expected.pow(2).mean().sqrt().clamp_min(1e-30)
-    return float((actual - expected).pow(2).mean().sqrt() / denominator)
 
 
 def assert_close_rms(actual: torch.Tensor, expected: torch.Tensor, tolerance: float, what: str = "") -> None:

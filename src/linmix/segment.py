@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from linmix.utils.images import read_rgb as read_image  # the package's one image reader, under its CLI name
 from linmix.visualize import overlay_masks, save_png
 
 if TYPE_CHECKING:
@@ -41,26 +42,6 @@ __all__ = [
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-
-
-def read_image(path: str | PathLike[str]) -> np.ndarray:
-    """An image file -> HxWx3 uint8 RGB, upright (EXIF orientation applied; greyscale, palette and
-    alpha images converted).
-
-    Raises FileNotFoundError for a missing file and ValueError for a file Pillow cannot read.
-    """
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    try:
-        with Image.open(path) as image:
-            # Upright as viewers show it (EXIF orientation of camera JPEGs), so prompt pixels match.
-            upright = ImageOps.exif_transpose(image)
-            return np.array(upright.convert("RGB"))  # a writable copy (torch warns on read-only arrays)
-    except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"{path} is not an image file Pillow can read (PNG, JPEG, WebP, ...): {error}") from error
 
 
 def load_sam_model(checkpoint: str | PathLike[str] | None = None, variant: str | None = None) -> RwkvSam:

@@ -155,14 +155,22 @@ def test_unknown_example():
         render_example("nope")
 
 
-def exif_rotated_jpeg(path, width=40, height=20):
-    """A JPEG stored width x height whose EXIF says 'rotate 90 degrees clockwise to view' (orientation 6)."""
+def with_exif_orientation(path, pixels, orientation):
+    """Save ``pixels`` (HxWx3 uint8) losslessly (PNG) with an EXIF orientation tag."""
     exif = Image.Exif()
-    exif[0x0112] = 6
-    Image.new("RGB", (width, height), (200, 30, 30)).save(path, format="JPEG", exif=exif.tobytes())
+    exif[0x0112] = orientation
+    Image.fromarray(pixels).save(path, exif=exif.tobytes())
     return path
 
 
-def test_read_image_applies_exif_orientation(tmp_path):
-    upright = read_image(exif_rotated_jpeg(tmp_path / "camera.jpg"))
-    assert upright.shape == (40, 20, 3)  # shown (and prompted) upright: 20 wide, 40 high
+@pytest.mark.parametrize("orientation, to_upright", [(6, lambda a: np.rot90(a, -1)), (8, lambda a: np.rot90(a, 1))])
+def test_read_image_applies_exif_orientation(tmp_path, orientation, to_upright):
+    # Stored 20 high x 40 wide with random pixels: a wrong turn or a flip cannot go unnoticed.
+    stored = np.random.default_rng(orientation).integers(0, 256, size=(20, 40, 3), dtype=np.uint8)
+    upright = read_image(with_exif_orientation(tmp_path / "camera.png", stored, orientation))
+    # 6: "rotate 90 degrees clockwise to view"; 8: counter-clockwise. Shown (and prompted) 20 wide, 40 high.
+    assert upright.shape == (40, 20, 3)
+    np.testing.assert_array_equal(upright, to_upright(stored))
+    # The stored top-left pixel ends up top-right (6) or bottom-left (8), as a viewer shows it.
+    corner = (0, 19) if orientation == 6 else (39, 0)
+    np.testing.assert_array_equal(upright[corner], stored[0, 0])

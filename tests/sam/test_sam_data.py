@@ -301,3 +301,86 @@ def test_finite_dataset_epochs_visit_every_item(tmp_path):
     source = PromptBatchSource(load_hq_dataset("dis5k", tmp_path), batch_size=1, image_size=32, seed=0, augment=False)
     names = [source._item(position).name for position in range(6)]
     assert sorted(names[:3]) == sorted(names[3:]) == ["img0", "img1", "img2"]
+
+
+def test_generated_datasets_are_read_by_position_file_datasets_shuffled(tmp_path):
+    class Generated:  # any dataset that says its items are independent draws (the procedural and copy-paste kinds)
+        is_generated = True
+
+        def __len__(self):
+            return 7
+
+        def __getitem__(self, index):
+            return index
+
+    generated = PromptBatchSource(Generated(), batch_size=1, image_size=32)
+    assert [generated._item(p) for p in range(10)] == [0, 1, 2, 3, 4, 5, 6, 0, 1, 2]
+    assert ProceduralHQDataset.is_generated
+    write_folder_dataset(tmp_path, "im", "gt", [(16, 16)] * 7)
+    files = PromptBatchSource(load_hq_dataset("dis5k", tmp_path), batch_size=1, image_size=32, seed=0)
+    assert [files._item(p).name for p in range(7)] != [f"img{i}" for i in range(7)]  # a seeded shuffle per epoch
+
+
+def test_every_old_import_path_still_works():
+    import linmix.sam.data as data
+    from linmix.sam.data import formats, procedural, prompts, sources
+
+    moved = {
+        formats: ["HQ_DATASET_LAYOUTS", "IMAGE_EXTENSIONS", "CocoInstancesDataset", "DatasetError", "ImageMaskFolderDataset",
+                  "SA1BDataset", "SegmentationSample", "load_hq_dataset", "read_mask", "read_rgb"],
+        procedural: ["ProceduralHQDataset"],
+        prompts: ["PIXEL_MEAN", "PIXEL_STD", "augment_sample", "default_box_noise_cap", "prepare_image", "sample_box_prompt",
+                  "sample_point_prompt", "tight_box", "_resize"],
+        sources: ["PromptBatchSource", "TeacherFeatureBatchSource"],
+    }
+    for module, names in moved.items():
+        for name in names:
+            assert getattr(data, name) is getattr(module, name), name
+            assert name.startswith("_") or name in data.__all__, name
+    assert "load_dataset" in data.__all__
+
+
+def test_dataset_kinds_table_is_the_spec_parser(monkeypatch, tmp_path):
+    from linmix.sam.data import DATASET_KINDS, DatasetKind
+
+    built = []
+    monkeypatch.setitem(DATASET_KINDS, "copypaste", DatasetKind("copypaste:SEED[:LENGTH]", lambda arguments, spec: built.append((arguments, spec)) or "made"))
+    assert load_dataset("copypaste:7:50") == "made" and built == [("7:50", "copypaste:7:50")]
+    assert load_dataset("Copy-Paste:8") == "made"  # kinds match ignoring case, "-" and "_"
+    with pytest.raises(ValueError, match="unknown dataset kind 'imagenet'") as error:
+        load_dataset("imagenet:/data")
+    assert "copypaste:SEED[:LENGTH]" in str(error.value) and "procedural:SEED[:LENGTH][:objects=MIN-MAX]" in str(error.value)
+    with pytest.raises(ValueError, match="must be KIND:PATH"):
+        load_dataset("procedural")
+    with pytest.raises(ValueError, match="coco:FIRST_PATH:SECOND_PATH"):
+        load_dataset("coco:only_one_path.json")
+    write_folder_dataset(tmp_path / "DIS-VD", "im", "gt", [(8, 8)])
+    assert load_dataset(f"DIS5K:{tmp_path / 'DIS-VD'}").name == "dis5k:DIS-VD"
+
+
+def test_sideways_camera_image_loads_upright_beside_its_mask(tmp_path):
+    # A JPEG-less check of the dataset path: the image stored sideways with EXIF orientation 6, its mask
+    # drawn upright (as annotation tools show the image); the sample pairs them pixel for pixel.
+    (tmp_path / "im").mkdir()
+    (tmp_path / "gt").mkdir()
+    upright = random_image(np.random.default_rng(3), 24, 16)
+    mask = ellipse_mask(24, 16, 1)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to view"
+    Image.fromarray(np.rot90(upright, 1).copy()).save(tmp_path / "im" / "phone.png", exif=exif.tobytes())
+    Image.fromarray((mask * 255).astype(np.uint8)).save(tmp_path / "gt" / "phone.png")
+    dataset = ImageMaskFolderDataset(tmp_path / "im", tmp_path / "gt")
+    dataset.validate()
+    sample = dataset[0]
+    np.testing.assert_array_equal(sample.image, upright)
+    np.testing.assert_array_equal(sample.masks[0], mask)
+
+
+@pytest.mark.parametrize("foreground", [255, 65535])
+def test_sixteen_bit_masks_read_as_meant(tmp_path, foreground):
+    (tmp_path / "im").mkdir()
+    (tmp_path / "gt").mkdir()
+    mask = ellipse_mask(12, 10, 2)
+    Image.fromarray(random_image(np.random.default_rng(0), 12, 10)).save(tmp_path / "im" / "a.png")
+    Image.fromarray((mask * foreground).astype(np.uint16)).save(tmp_path / "gt" / "a.png")
+    np.testing.assert_array_equal(ImageMaskFolderDataset(tmp_path / "im", tmp_path / "gt")[0].masks[0], mask)

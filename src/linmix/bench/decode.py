@@ -83,6 +83,7 @@ def build_decode_models(config: DecodeBenchConfig) -> dict[str, Any]:
     """BASED (the based-small layer pattern, cut to ``n_layer``) and a Transformer++ whose MLP width
     matches BASED's parameter count, both random and in eval mode."""
     from linmix.lm import BasedForCausalLM, preset
+    from linmix.lm.baselines import parameter_matched_transformer
 
     torch.manual_seed(config.seed)
     heads = config.d_model // 64
@@ -95,20 +96,10 @@ def build_decode_models(config: DecodeBenchConfig) -> dict[str, Any]:
     )
     models: dict[str, Any] = {}
     based = BasedForCausalLM(based_config).eval()
-    target = based.num_parameters()
     if "BASED" in config.models:
         models["BASED"] = based
     if "Transformer++" in config.models:
-        def transformer_config(hidden: int):
-            return preset("transformer-pp-small", d_model=config.d_model, n_layer=config.n_layer, mlp_hidden=hidden,
-                          vocab_size=config.vocab_size, num_heads=heads, layer_types=["attention"] * config.n_layer)
-
-        # The parameter count is affine in the MLP width: two small builds give its slope and offset.
-        low, high = 32, 64
-        count_low = BasedForCausalLM(transformer_config(low)).num_parameters()
-        slope = (BasedForCausalLM(transformer_config(high)).num_parameters() - count_low) / (high - low)
-        hidden = max(32, 32 * round((low + (target - count_low) / slope) / 32))
-        models["Transformer++"] = BasedForCausalLM(transformer_config(hidden)).eval()
+        models["Transformer++"] = BasedForCausalLM(parameter_matched_transformer(based_config, multiple_of=32)).eval()
     return models
 
 

@@ -32,6 +32,7 @@ from pydantic import BaseModel, Field
 from linmix.data.examples import EXAMPLES, example_path
 from linmix.sam import RwkvSam, RwkvSamPredictor
 from linmix.sam.automatic_mask_generator import counts_to_coco_rle_string, mask_to_rle
+from linmix.utils.images import upright_rgb
 from linmix.visualize import mask_to_png_bytes, png_base64
 
 __all__ = ["ImageCache", "ServeLimits", "create_app"]
@@ -336,7 +337,7 @@ def _cached(cache: ImageCache, image_id: str) -> CachedImage:
 
 def _read_upload(file: UploadFile, limits: ServeLimits) -> np.ndarray:
     """Check the upload against ``limits`` and decode it to HxWx3 uint8 RGB, or raise a 4xx HTTPException."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
     content_type = (file.content_type or "").split(";")[0].strip().lower()
     if content_type not in limits.content_types:
@@ -362,7 +363,7 @@ def _read_upload(file: UploadFile, limits: ServeLimits) -> np.ndarray:
                     status_code=415, detail=f"the file is {image.format or 'unknown'} but was sent as {content_type!r}"
                 )
             # Upright as the browser shows it (EXIF orientation), so clicked pixels match.
-            return np.array(ImageOps.exif_transpose(image).convert("RGB"))
+            return upright_rgb(image)
     except HTTPException:
         raise
     except Image.DecompressionBombError as error:
