@@ -379,3 +379,34 @@ def test_decoder_without_hq_fusion_has_exactly_sams_inputs(model, tmp_path):
     best = int(np.argmax(expected_iou))
     assert _relative_max_error(masks[0, 0], torch.from_numpy(logits[best])) <= TOLERANCE
     assert abs(float(iou[0, 0]) - float(expected_iou[best])) <= 1e-4
+
+
+@pytest.mark.slow  # an encoder and a decoder export
+def test_encoder_outputs_feed_the_decoder_by_name(tmp_path):
+    """The whole ONNX pipeline: the encoder graph's outputs are the decoder graph's inputs of the same
+    names, and the pair gives the predictor's masks."""
+    small = tiny_sam(seed=1).eval()
+    small.image_encoder.backbone.blocks = small.image_encoder.backbone.blocks[:1]  # a faster export, same interfaces
+    encoder = _session(export_image_encoder_onnx(small, tmp_path / "encoder.onnx", image_size=small.image_size, optimize=False))
+    decoder = _session(export_decoder_onnx(small, tmp_path / "decoder.onnx", return_single_mask=True, optimize=False))
+    image = _image((48, 80), 3)
+    predictor = RwkvSamPredictor(small)
+    predictor.set_image(image)
+    resized = torch.as_tensor(predictor.transform.apply_image(image)).permute(2, 0, 1)
+    encoded = dict(zip([o.name for o in encoder.get_outputs()],
+                       encoder.run(None, {"image": small.preprocess(resized)[None].numpy()})))
+    prompt = _prompts(image)["box and point"]
+    onnx_coord = np.concatenate([prompt["input_point"], prompt["input_box"].reshape(2, 2)])[None]
+    feeds = {
+        **encoded,
+        "point_coords": predictor.transform.apply_coords(onnx_coord, image.shape[:2]).astype(np.float32),
+        "point_labels": np.array([[0, 2, 3]], dtype=np.float32),
+        "mask_input": np.zeros((1, 1, 16, 16), dtype=np.float32),
+        "has_mask_input": np.zeros(1, dtype=np.float32),
+        "orig_im_size": np.array(image.shape[:2], dtype=np.float32),
+    }
+    assert set(feeds) == {i.name for i in decoder.get_inputs()}
+    masks, iou, _ = decoder.run(None, feeds)
+    expected_masks, logits, expected_iou, _ = _predict(predictor, prompt, multimask_output=False)
+    _assert_masks_match(masks[0, 0], expected_masks[0], logits[0])
+    assert abs(float(iou[0, 0]) - float(expected_iou[0])) <= 1e-4

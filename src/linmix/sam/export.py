@@ -33,9 +33,10 @@ decoder once per click):
       iou_predictions  [1, C]           predicted IoU (or the stability score, see below)
       low_res_masks    [1, C, 4h, 4w]   the logits before upscaling (feed one back as mask_input)
 
-  C = 4 (all mask tokens: index 0 is the single-mask output, 1-3 the multimask outputs) or, with
-  ``return_single_mask``, 1: SAM's rule picks token 0 when N > 2 (several clicks, or a box and a
-  click) and otherwise the multimask output with the highest score. ``use_stability_score`` replaces
+  C = 4 (all mask tokens: index 0 is what ``RwkvSamPredictor.predict(multimask_output=False)``
+  returns, 1-3 its multimask outputs) or, with ``return_single_mask``, 1 chosen by SAM's rule: token
+  0 when N > 2 (N counts the padding point and box corners: several clicks, or a box and a click),
+  otherwise the multimask output with the highest score (one click, or a box alone). ``use_stability_score`` replaces
   the predicted IoUs with the stability score of the low-res logits (offset 1.0);
   ``return_extra_metrics`` returns ``masks, iou_predictions, stability_scores [1, C], areas [1, C]
   (int64 pixel counts of masks > 0), low_res_masks``.
@@ -51,6 +52,7 @@ the files with ``onnxruntime``.
 from __future__ import annotations
 
 import copy
+import warnings
 from os import PathLike
 from pathlib import Path
 
@@ -113,7 +115,7 @@ class ImageEncoderOnnxModel(nn.Module):
 class SamDecoderOnnxModel(nn.Module):
     """Prompt encoder + mask decoder + mask postprocessing with SAM's ONNX interface (module docstring).
 
-    Runs in PyTorch too (the reference the exported graph is checked against). Points are embedded
+    Also runs in PyTorch (the computation the graph holds). Points are embedded
     with label masks instead of Python branches, so one graph serves every N: ``pe(coords + 0.5)``
     zeroed where the label is -1, plus ``not_a_point_embed`` there and ``point_embeddings[i]`` where
     the label is ``i`` (0 negative, 1 positive, 2 / 3 box corners). The dense prompt is
@@ -384,8 +386,11 @@ def export_decoder_onnx(
     args = tuple(arg.to(device) for arg in args)
     num_points = torch.export.Dim("num_points", min=1, max=4096)
     dynamic_shapes = [None, {1: num_points}, {1: num_points}, None, None, None] + [None] * (len(args) - 6)
-    return _export(
-        wrapper, args, path,
-        input_names=wrapper.input_names, output_names=wrapper.output_names, dynamic_shapes=tuple(dynamic_shapes),
-        opset=opset, optimize=optimize,
-    )
+    with warnings.catch_warnings():
+        # point_coords and point_labels share the one Dim on purpose; the exporter says so for each.
+        warnings.filterwarnings("ignore", message=".*axis name: num_points will not be used.*")
+        return _export(
+            wrapper, args, path,
+            input_names=wrapper.input_names, output_names=wrapper.output_names, dynamic_shapes=tuple(dynamic_shapes),
+            opset=opset, optimize=optimize,
+        )
