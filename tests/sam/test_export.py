@@ -34,6 +34,16 @@ from linmix.sam.export import SamDecoderOnnxModel, export_decoder_onnx, export_i
 TOLERANCE = 1e-4  # max |onnx - torch| / max |torch|
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """The decoder tensors here are tiny: thread hand-offs cost more than they save (seconds per call
+    instead of tens of milliseconds on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _relative_max_error(actual, expected) -> float:
     actual = torch.as_tensor(actual).double()
     expected = expected.detach().double()
@@ -410,3 +420,86 @@ def test_encoder_outputs_feed_the_decoder_by_name(tmp_path):
     expected_masks, logits, expected_iou, _ = _predict(predictor, prompt, multimask_output=False)
     _assert_masks_match(masks[0, 0], expected_masks[0], logits[0])
     assert abs(float(iou[0, 0]) - float(expected_iou[0])) <= 1e-4
+
+
+@pytest.fixture
+def segment_anything(monkeypatch):
+    """segment-anything's package, imported with stand-ins for torchvision (which it imports but the
+    ONNX model does not use); the stand-ins and the package leave sys.modules afterwards."""
+    import sys
+    import types
+
+    import importlib.util
+
+    if importlib.util.find_spec("segment_anything") is None:
+        pytest.skip("segment-anything is not installed (pip install segment-anything)")
+    before = set(sys.modules)
+    stubs = {name: types.ModuleType(name) for name in ("torchvision", "torchvision.transforms",
+                                                       "torchvision.transforms.functional", "torchvision.ops",
+                                                       "torchvision.ops.boxes")}
+    stubs["torchvision.transforms.functional"].resize = stubs["torchvision.transforms.functional"].to_pil_image = None
+    stubs["torchvision.ops.boxes"].batched_nms = stubs["torchvision.ops.boxes"].box_area = None
+    for name, module in stubs.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    import segment_anything.modeling as modeling
+    import segment_anything.utils.onnx as onnx_utils
+
+    yield modeling, onnx_utils
+    for name in set(sys.modules) - before:
+        if name.startswith("segment_anything"):
+            del sys.modules[name]
+
+
+@pytest.mark.parametrize("return_single_mask", [False, True])
+@pytest.mark.parametrize("use_stability_score", [False, True])
+@pytest.mark.parametrize("return_extra_metrics", [False, True])
+def test_decoder_wrapper_equals_segment_anythings_onnx_model(
+    segment_anything, model, return_single_mask, use_stability_score, return_extra_metrics
+):
+    """Our SamDecoderOnnxModel and segment-anything's SamOnnxModel, given the same prompt encoder and
+    (plain, no HQ fusion) mask decoder weights, compute the same outputs for every option."""
+    modeling, onnx_utils = segment_anything
+    torch.manual_seed(3)
+    ours = RwkvSam(
+        image_encoder=model.image_encoder,
+        prompt_encoder=model.prompt_encoder,
+        mask_decoder=MaskDecoder(transformer=TwoWayTransformer(depth=2, embedding_dim=256, num_heads=8, mlp_dim=2048),
+                                 hq_fusion=False),
+    ).eval()
+    grid, size = ours.prompt_encoder.image_embedding_size, ours.image_size
+    sam_prompt_encoder = modeling.PromptEncoder(embed_dim=256, image_embedding_size=grid, input_image_size=(size, size),
+                                                mask_in_chans=16)
+    sam_mask_decoder = modeling.MaskDecoder(
+        num_multimask_outputs=3, transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256,
+        transformer=modeling.TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
+    )
+    sam_prompt_encoder.load_state_dict(ours.prompt_encoder.state_dict())
+    sam_mask_decoder.load_state_dict(ours.mask_decoder.state_dict())
+    image_encoder = torch.nn.Module()
+    image_encoder.img_size = size  # all SamOnnxModel reads of the image encoder
+    sam = modeling.Sam(image_encoder=image_encoder, prompt_encoder=sam_prompt_encoder, mask_decoder=sam_mask_decoder).eval()
+    options = dict(return_single_mask=return_single_mask, use_stability_score=use_stability_score,
+                   return_extra_metrics=return_extra_metrics)
+    reference = onnx_utils.SamOnnxModel(sam, **options)
+    wrapper = SamDecoderOnnxModel(ours, **options)
+    generator = torch.Generator().manual_seed(4)
+    embedding = torch.randn(1, 256, *grid, generator=generator)
+    cases = [  # (coords, labels, has_mask_input): one click + padding; box + click; two clicks + padding with a mask
+        ([[40.0, 20.0], [0.0, 0.0]], [1, -1], 0.0),
+        ([[10.0, 5.0], [50.0, 30.0], [30.0, 12.0]], [2, 3, 0], 0.0),
+        ([[40.0, 20.0], [12.0, 30.0], [0.0, 0.0]], [1, 1, -1], 1.0),
+    ]
+    for coords, labels, has_mask in cases:
+        for orig_im_size in ((48.0, 80.0), (100.0, 70.0)):
+            inputs = (embedding, torch.tensor([coords]), torch.tensor([labels], dtype=torch.float32),
+                      torch.randn(1, 1, 4 * grid[0], 4 * grid[1], generator=generator), torch.tensor([has_mask]),
+                      torch.tensor(orig_im_size))
+            with torch.no_grad():
+                expected, actual = reference(*inputs), wrapper(*inputs)
+            assert len(actual) == len(expected) == len(wrapper.output_names)
+            for name, got, want in zip(wrapper.output_names, actual, expected):
+                assert got.shape == want.shape, f"{name}: {tuple(got.shape)} != {tuple(want.shape)}"
+                if name == "areas":
+                    assert torch.equal(got, want)
+                else:
+                    torch.testing.assert_close(got.float(), want.float(), rtol=1e-5, atol=1e-5, msg=name)
