@@ -36,10 +36,11 @@ decoder once per click):
   C = 4 (all mask tokens: index 0 is what ``RwkvSamPredictor.predict(multimask_output=False)``
   returns, 1-3 its multimask outputs) or, with ``return_single_mask``, 1 chosen by SAM's rule: token
   0 when N > 2 (N counts the padding point and box corners: several clicks, or a box and a click),
-  otherwise the multimask output with the highest score (one click, or a box alone). ``use_stability_score`` replaces
-  the predicted IoUs with the stability score of the low-res logits (offset 1.0);
-  ``return_extra_metrics`` returns ``masks, iou_predictions, stability_scores [1, C], areas [1, C]
-  (int64 pixel counts of masks > 0), low_res_masks``.
+  otherwise the multimask output with the highest score (one click, or a box alone).
+  ``use_stability_score`` replaces the predicted IoUs with the stability score of the low-res logits
+  (offset 1.0); ``return_extra_metrics`` returns ``masks, iou_predictions, stability_scores [1, C],
+  areas [1, C] (int64 pixel counts of masks > 0), low_res_masks`` (SAM's script names only the first
+  three outputs, whatever they hold; here each of the five has its name).
 
   As with SAM's ONNX model, the caller encodes prompts: a box becomes two points labelled 2 and 3
   (its XYXY corners), and when there is no box one padding point ``(0, 0)`` with label -1 must be
