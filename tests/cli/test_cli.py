@@ -94,6 +94,7 @@ def test_version(capsys):
         (["sam", "auto", "missing.png"], 1, "image not found"),
         (["sam", "segment", "IMAGE", "--point", "1,2", "--checkpoint", "nope.safetensors"], 1, "checkpoint not found"),
         (["sam", "export-onnx", "--checkpoint", "nope.safetensors"], 1, "checkpoint not found"),
+        (["sam", "export-onnx", "--opset", "11"], 2, "--opset"),
         (["bench", "--contexts", "8,x"], 1, "comma-separated whole numbers"),
         (["bench", "--contexts", "8", "--d-model", "100"], 1, "multiple of 64"),
         (["tour", "--only", "mqar,nope"], 1, "unknown stage(s) nope"),
@@ -200,14 +201,38 @@ def test_auto_writes_coco_rle_and_overlay(capsys, tmp_path, checkpoint, image_fi
 
 @pytest.mark.slow
 def test_export_onnx_decoder_runs_in_onnxruntime(capsys, tmp_path, checkpoint):
+    """The decoder in Segment Anything's ONNX convention, with the options of SAM's export script."""
     onnxruntime = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     path, model = checkpoint
-    code, _, err = run(capsys, "sam", "export-onnx", "--no-encoder", "--no-optimize", "--out", str(tmp_path), "--checkpoint", str(path))
+    code, _, err = run(capsys, "sam", "export-onnx", "--no-encoder", "--no-optimize", "--return-extra-metrics",
+                       "--out", str(tmp_path), "--checkpoint", str(path))
     assert code == 0, err
     session = onnxruntime.InferenceSession(str(tmp_path / "decoder.onnx"))
-    assert [i.name for i in session.get_inputs()][:4] == ["image_embeddings", "stage1", "stage2", "point_coords"]
-    assert json.loads((tmp_path / "export.json").read_text())["image_size"] == model.image_size
+    inputs = ["image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size",
+              "stage1_features", "stage2_features"]
+    outputs = ["masks", "iou_predictions", "stability_scores", "areas", "low_res_masks"]
+    assert [i.name for i in session.get_inputs()] == inputs
+    assert [o.name for o in session.get_outputs()] == outputs
+    record = json.loads((tmp_path / "export.json").read_text())
+    assert record["image_size"] == model.image_size and record["decoder_inputs"] == inputs
+    assert record["decoder_outputs"] == outputs and record["return_extra_metrics"] and not record["return_single_mask"]
+    predictor = RwkvSamPredictor(model)
+    image = np.zeros((30, 44, 3), dtype=np.uint8)
+    predictor.set_image(image)
+    stage1, stage2 = predictor.get_image_features().hq_features
+    coords = predictor.transform.apply_coords(np.array([[[20.0, 10.0], [0.0, 0.0]]]), image.shape[:2]).astype(np.float32)
+    masks, iou, _, areas, low_res = session.run(None, {
+        "image_embeddings": predictor.get_image_embedding().numpy(), "point_coords": coords,
+        "point_labels": np.array([[1, -1]], dtype=np.float32),
+        "mask_input": np.zeros((1, 1, *model.prompt_encoder.mask_input_size), dtype=np.float32),
+        "has_mask_input": np.zeros(1, dtype=np.float32), "orig_im_size": np.array(image.shape[:2], dtype=np.float32),
+        "stage1_features": stage1.numpy(), "stage2_features": stage2.numpy(),
+    })
+    assert masks.shape == (1, 4, 30, 44) and low_res.shape == (1, 4, *model.prompt_encoder.mask_input_size)
+    np.testing.assert_array_equal(areas, (masks > 0).sum(axis=(2, 3)))
+    _, expected_iou, _ = predictor.predict(np.array([[20.0, 10.0]]), np.array([1]))
+    np.testing.assert_allclose(iou[0, 1:], expected_iou, atol=1e-4)
 
 
 def test_serve_builds_the_app_with_the_limits_asked(capsys, monkeypatch, checkpoint):

@@ -109,34 +109,74 @@ def auto_command(
 @sam_app.command(
     "export-onnx",
     epilog=(
-        "Example:\n\n  linmix sam export-onnx --out onnx/\n\n"
-        "Writes OUT/encoder.onnx (image [1,3,S,S] normalised and padded -> image_embeddings, stage1, stage2) "
-        "and OUT/decoder.onnx (SAM's ONNX decoder inputs, dynamic number of points). Needs the export extra."
+        "Example:\n\n  linmix sam export-onnx --out onnx/ --return-single-mask\n\n"
+        "Writes OUT/encoder.onnx (image [1,3,S,S] normalised and padded -> image_embeddings, stage1_features, "
+        "stage2_features), OUT/decoder.onnx (Segment Anything's ONNX decoder: image_embeddings, point_coords, "
+        "point_labels, mask_input, has_mask_input, orig_im_size, plus stage1_features / stage2_features -> masks at "
+        "the original size, iou_predictions, low_res_masks) and OUT/export.json (the options and the graphs' "
+        "input and output names). Needs the export extra."
     ),
 )
 def export_onnx_command(
-    out: Path = typer.Option(Path("onnx"), "--out", help="Folder for encoder.onnx and decoder.onnx."),
+    out: Path = typer.Option(Path("onnx"), "--out", help="Folder for encoder.onnx, decoder.onnx and export.json."),
     encoder: bool = typer.Option(True, "--encoder/--no-encoder", help="Also export the image encoder (the slow part)."),
-    multimask: bool = typer.Option(True, "--multimask/--single-mask", help="Decoder outputs 3 masks or 1."),
+    return_single_mask: bool = typer.Option(
+        False, "--return-single-mask",
+        help="Decoder returns only the best mask (SAM's rule: the single-mask output for more than two points, "
+        "else the best of the three multimask outputs) instead of all four.",
+    ),
+    use_stability_score: bool = typer.Option(
+        False, "--use-stability-score",
+        help="Report the stability score of the low-res logits (offset 1.0) instead of the predicted IoU.",
+    ),
+    return_extra_metrics: bool = typer.Option(
+        False, "--return-extra-metrics",
+        help="Decoder returns masks, iou_predictions, stability_scores, areas, low_res_masks.",
+    ),
+    gelu_approximate: bool = typer.Option(
+        False, "--gelu-approximate", help="Tanh-approximated GELUs in the decoder (for runtimes without a fast Erf)."
+    ),
+    opset: Optional[int] = typer.Option(None, "--opset", min=17, help="ONNX opset (default: the exporter's, 20 with torch 2.13; SAM used 17)."),
     optimize: bool = typer.Option(True, "--optimize/--no-optimize", help="Run onnxscript's graph optimizer (slower export, smaller graph)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help=CHECKPOINT_HELP),
     variant: Optional[str] = typer.Option(None, "--variant", help=VARIANT_HELP),
 ) -> None:
-    """Export the prompt decoder (and the image encoder) of an RWKV-SAM model to ONNX."""
+    """Export the prompt decoder (and the image encoder) of an RWKV-SAM model to ONNX, in Segment Anything's convention."""
     model = _load(checkpoint, variant)
     try:
         import onnxscript  # noqa: F401  (the dynamo exporter needs it)
     except ImportError as error:
         raise CliError("ONNX export needs the export extra: pip install 'linmix[export]'") from error
     from linmix.sam import export_decoder_onnx, export_image_encoder_onnx
+    from linmix.sam.export import ENCODER_INPUT_NAMES, ENCODER_OUTPUT_NAMES, decoder_input_names, decoder_output_names
 
     out.mkdir(parents=True, exist_ok=True)
     written = {}
     if encoder:
         typer.echo(f"exporting the image encoder at {model.image_size}x{model.image_size} (minutes on a CPU) ...")
-        written["encoder"] = export_image_encoder_onnx(model, out / "encoder.onnx", image_size=model.image_size, optimize=optimize)
-    written["decoder"] = export_decoder_onnx(model, out / "decoder.onnx", multimask_output=multimask, optimize=optimize)
-    (out / "export.json").write_text(json.dumps({"image_size": model.image_size, "multimask_output": multimask,
-                                                 "files": {k: Path(v).name for k, v in written.items()}}, indent=2) + "\n")
+        written["encoder"] = export_image_encoder_onnx(
+            model, out / "encoder.onnx", image_size=model.image_size, opset=opset, optimize=optimize
+        )
+    written["decoder"] = export_decoder_onnx(
+        model, out / "decoder.onnx", return_single_mask=return_single_mask, use_stability_score=use_stability_score,
+        return_extra_metrics=return_extra_metrics, gelu_approximate=gelu_approximate, opset=opset, optimize=optimize,
+    )
+    hq_fusion = bool(getattr(model.mask_decoder, "hq_fusion", False))
+    record = {
+        "image_size": model.image_size,
+        "mask_threshold": model.mask_threshold,
+        "return_single_mask": return_single_mask,
+        "use_stability_score": use_stability_score,
+        "return_extra_metrics": return_extra_metrics,
+        "gelu_approximate": gelu_approximate,
+        "opset": opset,
+        "files": {kind: Path(path).name for kind, path in written.items()},
+        "decoder_inputs": list(decoder_input_names(hq_fusion)),
+        "decoder_outputs": list(decoder_output_names(return_extra_metrics)),
+    }
+    if encoder:
+        record["encoder_inputs"] = list(ENCODER_INPUT_NAMES)
+        record["encoder_outputs"] = list(ENCODER_OUTPUT_NAMES)
+    (out / "export.json").write_text(json.dumps(record, indent=2) + "\n")
     for kind, path in written.items():
         typer.echo(f"  {kind:8s} {path}")
