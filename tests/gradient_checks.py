@@ -36,6 +36,7 @@ def assert_gradients_match_finite_differences(
     tensors = {f"param {name}": p for name, p in reference.named_parameters() if p.requires_grad}
     tensors.update({f"input {i}": x for i, x in enumerate(reference_inputs)})
     generator = torch.Generator().manual_seed(0)
+    checks = []  # (name, autograd, finite difference, scale)
     with torch.no_grad():
         for name, tensor in tensors.items():
             grad = analytic[name]
@@ -47,9 +48,12 @@ def assert_gradients_match_finite_differences(
             tensor.sub_(2 * step * direction)
             minus = float(run(reference, *reference_inputs))
             tensor.add_(step * direction)
-            numeric = (plus - minus) / (2 * step)
             products = grad.double() * direction
-            expected, scale = float(products.sum()), float(products.norm())
-            assert abs(numeric - expected) <= tolerance * scale + 1e-12, (
-                f"{what} {name}: directional derivative {expected:.6e} by autograd, {numeric:.6e} by finite "
-                f"differences (scale {scale:.3e})")
+            checks.append((name, float(products.sum()), (plus - minus) / (2 * step), float(products.norm())))
+    # fp32 gradients are exact to about 1e-7 of the largest ones, not of each: a tensor whose
+    # gradient is tiny next to the others is compared to a floor of 1e-5 of the largest scale.
+    floor = 1e-5 * max(scale for *_, scale in checks)
+    for name, expected, numeric, scale in checks:
+        assert abs(numeric - expected) <= tolerance * max(scale, floor) + 1e-12, (
+            f"{what} {name}: directional derivative {expected:.6e} by autograd, {numeric:.6e} by finite "
+            f"differences (scale {scale:.3e})")
