@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from gradient_checks import assert_gradients_match_finite_differences
 from helpers import TOLERANCE, assert_close_rms
 from mixer_contract import check_left_padding, check_prefix_then_steps, check_state_size_constant, check_steps_equal_forward
 from linmix.layers.attention import KVCache, MultiHeadAttention, SlidingWindowAttention
@@ -167,6 +168,14 @@ def test_padding_gives_finite_outputs_and_gradients(make):
     y.sum().backward()
     assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
     assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
+    # Real tokens never read the padding: their outputs carry no gradient to the padded inputs.
+    layer.zero_grad()
+    x_real = x.detach().clone().requires_grad_()
+    layer(x_real, attention_mask=mask)[0, 7:].sum().backward()
+    assert torch.equal(x_real.grad[0, :7], torch.zeros_like(x_real.grad[0, :7]))
+    assert x_real.grad[0, 7:].abs().amax(-1).gt(0).all()
+    # The gradients are the loss's derivatives: fp32 autograd against fp64 finite differences.
+    assert_gradients_match_finite_differences(layer, lambda module, inputs: module(inputs, attention_mask=mask).sum(), x.detach())
 
 
 @pytest.mark.parametrize("make", [lambda: sliding(window=4), global_attention], ids=["swa", "mha"])

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from gradient_checks import assert_gradients_match_finite_differences
 from helpers import TOLERANCE, assert_close_rms
 from mixer_contract import check_left_padding, check_prefix_then_steps, check_state_size_constant, check_steps_equal_forward
 from linmix.layers.base_conv import BaseConv
@@ -108,6 +109,9 @@ def test_gradients_flow_to_every_parameter():
         layer(torch.randn(2, 13, layer.d_model)).pow(2).mean().backward()
         for pname, p in layer.named_parameters():
             assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, f"{name}.{pname}"
+        # and they are the loss's derivatives: fp32 autograd against fp64 finite differences
+        assert_gradients_match_finite_differences(layer, lambda module, x: module(x).pow(2).mean(),
+                                                  torch.randn(2, 13, layer.d_model), what=name)
 
 
 def test_rmsnorm_and_gated_mlp():

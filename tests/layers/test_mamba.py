@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import mixer_contract
+from gradient_checks import assert_gradients_match_finite_differences
 from helpers import assert_close_rms
 from linmix.layers.base import CausalMixer, MixerState
 from linmix.layers.mamba import Mamba, MambaState
@@ -120,6 +121,8 @@ def test_backward_reaches_every_parameter():
         assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
         assert parameter.grad.abs().sum() > 0, name
     assert torch.isfinite(x.grad).all()
+    # The gradients are the loss's derivatives: fp32 autograd against fp64 finite differences.
+    assert_gradients_match_finite_differences(layer, lambda module, inputs: module(inputs).pow(2).mean(), x.detach())
 
 
 def test_bfloat16_layer_runs_close_to_fp32():

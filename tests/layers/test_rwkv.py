@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from gradient_checks import assert_gradients_match_finite_differences
 from helpers import TOLERANCE, assert_close_rms
 from mixer_contract import check_left_padding, check_prefix_then_steps, check_state_size_constant, check_steps_equal_forward
 from linmix.layers.rwkv import RWKVTimeMix, RWKVTimeMixState
@@ -125,6 +126,9 @@ def test_backward_and_bf16():
         assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
         assert float(parameter.grad.abs().sum()) > 0, name
     assert torch.equal(x.grad[1, :4], torch.zeros_like(x.grad[1, :4]))  # padding has no influence
+    # The gradients (chunked training path) are the loss's derivatives: against fp64 finite differences.
+    assert_gradients_match_finite_differences(
+        layer, lambda module, inputs: module(inputs, attention_mask=mask).square().mean(), x.detach())
     # Training through step (grad enabled) gives the same gradients as forward.
     layer.zero_grad()
     state = layer.init_state(2)

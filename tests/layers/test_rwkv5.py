@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from gradient_checks import assert_gradients_match_finite_differences
 from helpers import TOLERANCE, assert_close_rms
 from mixer_contract import check_left_padding, check_prefix_then_steps, check_state_size_constant, check_steps_equal_forward
 from linmix.layers.rwkv5 import RWKV5TimeMix, rwkv5_recurrence, rwkv5_recurrence_reference
@@ -72,6 +73,8 @@ def test_backward_is_finite_and_errors_are_clear():
     x = torch.randn(2, 11, 12, requires_grad=True)
     layer(x).square().mean().backward()
     assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in layer.parameters())
+    # The gradients are the loss's derivatives: fp32 autograd against fp64 finite differences.
+    assert_gradients_match_finite_differences(layer, lambda module, inputs: module(inputs).square().mean(), x.detach())
     with pytest.raises(ValueError, match="divisible"):
         RWKV5TimeMix(10, num_heads=3)
     with pytest.raises(ValueError, match="RWKV5State"):

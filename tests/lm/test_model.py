@@ -53,17 +53,67 @@ def test_config_errors_name_what_was_expected(tmp_path):
 
 
 # ---------------------------------------------------------------- model
+def _manual_forward(model, ids):
+    """The model's forward composed by hand from its modules: embed, pre-norm residual blocks, final
+    norm, head (padded vocabulary rows dropped)."""
+    layers = model.transformer
+    residual = layers.embeddings.word_embeddings(ids)
+    for block in layers.layers:
+        residual = residual + block.mixer(block.norm1(residual))
+        if block.mlp is not None:
+            residual = residual + block.mlp(block.norm2(residual))
+    return model.lm_head(layers.ln_f(residual))[..., : model.config.vocab_size]
+
+
+def _shifted_cross_entropy(logits, ids):
+    vocab = logits.shape[-1]
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab), ids[:, 1:].reshape(-1))
+
+
 @pytest.mark.parametrize("name", ["based-tiny", "transformer-pp-small", "mamba-small", "sliding-window-small", "base-conv-small"])
 def test_every_stack_runs_forward_and_backward(name):
     base = preset(name)
     config = preset(name, vocab_size=97, n_layer=2, layer_types=base.layer_types[:2],
                     d_model=32, mlp_hidden=0 if base.mlp_hidden == 0 else 64)
-    model = BasedForCausalLM(config)
+    # fp64 so that finite differences can check the gradients (the loss itself is taken in fp32).
+    model = BasedForCausalLM(config).double()
     ids = torch.randint(0, 97, (2, 11))
     out = model(ids, labels=ids)
     assert out.logits.shape == (2, 11, 97)
+    expected_logits = _manual_forward(model, ids)
+    torch.testing.assert_close(out.logits, expected_logits, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.loss, _shifted_cross_entropy(expected_logits.float(), ids))
+
+    # Causal: changing the tokens from position 6 on leaves the logits before it exactly as they were.
+    changed = ids.clone()
+    changed[:, 6:] = (ids[:, 6:] + 1) % 97
+    with torch.no_grad():
+        changed_logits = model(changed).logits
+    torch.testing.assert_close(changed_logits[:, :6], out.logits[:, :6].detach(), rtol=1e-12, atol=1e-12)
+    assert (changed_logits[:, 6] - out.logits[:, 6]).abs().amax(-1).min() > 1e-6
+
     out.loss.backward()
-    assert all(p.grad is not None for p in model.parameters())
+    # Every parameter gets a nonzero gradient; the gradients of the embedding, of each block and of the
+    # final norm match central finite differences of the fp64 loss along a random direction.
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in model.parameters()), \
+        [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().max() == 0]
+    groups = [model.transformer.embeddings, *model.transformer.layers, model.transformer.ln_f]
+    step = 1e-6
+    with torch.no_grad():
+        for group in groups:
+            parameters = list(group.parameters())
+            directions = [torch.randn_like(p) for p in parameters]
+
+            def loss_moved_by(scale):
+                for p, d in zip(parameters, directions):
+                    p.add_(scale * step * d)
+                return _shifted_cross_entropy(model(ids).logits, ids)
+
+            plus, minus = loss_moved_by(1), loss_moved_by(-2)
+            loss_moved_by(1)  # back to the original parameters
+            numeric = (plus - minus) / (2 * step)
+            analytic = sum((p.grad * d).sum() for p, d in zip(parameters, directions))
+            assert abs(float(numeric - analytic)) <= 1e-4 * abs(float(analytic)), (type(group).__name__, float(numeric), float(analytic))
 
 
 def test_loss_is_shifted_cross_entropy_ignoring_minus_100():

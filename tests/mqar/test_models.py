@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from gradient_checks import assert_gradients_match_finite_differences
 
 from linmix.mqar.data import IGNORE_INDEX, generate_mqar
 from linmix.mqar.models import MIXERS, MQARModel, MQARModelConfig, masked_recall_loss, state_size_bytes
@@ -72,11 +73,19 @@ def test_models_are_causal_and_train(config):
     changed[:, 15:] = (changed[:, 15:] + 1) % 40  # change the future
     with torch.no_grad():
         torch.testing.assert_close(model(changed)[:, :15], logits[:, :15].detach(), rtol=1e-5, atol=1e-5)
-    loss, _, _ = masked_recall_loss(model, inputs, labels)
+    loss, predictions, targets = masked_recall_loss(model, inputs, labels)
+    # The loss is the cross-entropy of the full forward's logits at the labelled positions.
+    asked = labels != IGNORE_INDEX
+    torch.testing.assert_close(loss, F.cross_entropy(logits[asked], labels[asked]), rtol=1e-5, atol=1e-6)
+    assert torch.equal(targets, labels[asked]) and torch.equal(predictions, logits[asked].argmax(-1))
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert model.embedding.weight.grad.abs().sum() > 0
+    # The model's gradients are the loss's derivatives: fp32 autograd against fp64 finite differences
+    # (of the same cross-entropy taken in the model's dtype: masked_recall_loss rounds it to fp32).
+    assert_gradients_match_finite_differences(
+        model, lambda module: F.cross_entropy(module(inputs)[asked].double(), labels[asked]), what=config.name)
 
 
 def test_head_is_tied_and_there_is_no_position_embedding():

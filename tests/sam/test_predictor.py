@@ -12,6 +12,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from linmix.sam.model import build_rwkv_sam
 from linmix.sam.predictor import MAX_IMAGE_SIDE, ImageNotSetError, RwkvSamPredictor
@@ -115,17 +116,69 @@ def test_predict_shapes_and_dtypes(predictor, multimask_output, count):
     np.testing.assert_allclose(iou_again, iou)
 
 
+def _to_input_frame(xy):
+    """(x, y) pixels of the HEIGHT x WIDTH image -> the 731 x 1024 resized input frame, by hand."""
+    return torch.tensor(xy, dtype=torch.float32) * torch.tensor([1024 / WIDTH, 731 / HEIGHT])
+
+
+def _masks_by_hand(model, low_res):
+    """Low-res logits -> bool masks at the original size: upscale to 1024, crop the padding, resize, threshold."""
+    upscaled = F.interpolate(torch.as_tensor(low_res)[None], (1024, 1024), mode="bilinear", align_corners=False)
+    original = F.interpolate(upscaled[..., :731, :1024], (HEIGHT, WIDTH), mode="bilinear", align_corners=False)
+    return (original[0] > model.mask_threshold).numpy()
+
+
 def test_every_prompt_kind(predictor):
-    _, _, low_res = predictor.predict(box=np.array([5, 5, 60, 45]), multimask_output=False)
-    masks, iou, _ = predictor.predict(
-        point_coords=np.array([[30.5, 25.0]]), point_labels=np.array([1]), box=np.array([[5, 5, 60, 45]]),
+    model, features = predictor.model, predictor.features
+    box = [5, 5, 60, 45]
+    _, box_iou, low_res = predictor.predict(box=np.array(box), multimask_output=False)
+    # A box is its two corners' tokens: position encodings of the corner pixels' centres plus the
+    # learned top-left / bottom-right embeddings; no mask prompt means no_mask_embed everywhere.
+    prompts = model.prompt_encoder
+    corners = _to_input_frame([box[:2], box[2:]]) + 0.5
+    sparse = prompts.pe_layer.forward_with_coords(corners[None], prompts.input_image_size) + torch.cat(
+        [prompts.point_embeddings[2].weight, prompts.point_embeddings[3].weight])
+    dense = prompts.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, 64, 64)
+    with torch.no_grad():
+        expected_low_res, expected_iou = model.mask_decoder(
+            image_embeddings=features.embedding, image_pe=prompts.get_dense_pe(), sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense, multimask_output=False, hq_features=features.hq_features)
+    np.testing.assert_allclose(low_res, expected_low_res[0].numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(box_iou, expected_iou[0].numpy(), rtol=1e-5, atol=1e-5)
+
+    # Point, box and mask together: the decoder's output on the prompts mapped by hand, and the masks
+    # are those logits upscaled and thresholded.
+    point = [30.5, 25.0]
+    masks, iou, combined_low_res = predictor.predict(
+        point_coords=np.array([point]), point_labels=np.array([1]), box=np.array([box]),
         mask_input=low_res, multimask_output=False,
     )
-    assert masks.shape == (1, HEIGHT, WIDTH) and np.isfinite(iou).all()
-    masks, _, _ = predictor.predict(mask_input=low_res)  # a mask alone is a prompt too
+    assert masks.shape == (1, HEIGHT, WIDTH)
+    with torch.no_grad():
+        expected_low_res, expected_iou = model.decode(
+            features, point_coords=_to_input_frame([point])[None], point_labels=torch.tensor([[1]]),
+            boxes=_to_input_frame([box[:2], box[2:]]).reshape(1, 4), mask_inputs=torch.from_numpy(low_res)[None],
+            multimask_output=False)
+    np.testing.assert_allclose(combined_low_res, expected_low_res[0].numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(iou, expected_iou[0].numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(masks, _masks_by_hand(model, combined_low_res))
+    assert np.abs(combined_low_res - low_res).max() > 1e-3  # the point and the mask change the answer
+
+    masks, _, mask_only_low_res = predictor.predict(mask_input=low_res)  # a mask alone is a prompt too
     assert masks.shape == (3, HEIGHT, WIDTH)
-    # Points on the far edges are inside.
-    predictor.predict(point_coords=np.array([[0, 0], [WIDTH, HEIGHT]]), point_labels=np.array([1, 1]))
+    with torch.no_grad():
+        expected_low_res, _ = model.decode(features, mask_inputs=torch.from_numpy(low_res)[None])
+    np.testing.assert_allclose(mask_only_low_res, expected_low_res[0].numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(masks, _masks_by_hand(model, mask_only_low_res))
+    _, _, other_mask_low_res = predictor.predict(mask_input=-low_res)
+    assert np.abs(other_mask_low_res - mask_only_low_res).max() > 1e-3  # the mask is read
+
+    # Points on the far edges are inside, and map to the input frame's corners.
+    _, _, edge_low_res = predictor.predict(point_coords=np.array([[0, 0], [WIDTH, HEIGHT]]), point_labels=np.array([1, 1]))
+    with torch.no_grad():
+        expected_low_res, _ = model.decode(
+            features, point_coords=torch.tensor([[[0.0, 0.0], [1024.0, 731.0]]]), point_labels=torch.tensor([[1, 1]]))
+    np.testing.assert_allclose(edge_low_res, expected_low_res[0].numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_predict_equals_predict_torch(predictor):

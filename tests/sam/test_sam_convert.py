@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from gradient_checks import assert_gradients_match_finite_differences
 from helpers import TOLERANCE, assert_close_rms
 from sam_checkpoint_keys import sam_image_encoder_shapes, sam_mask_decoder_shapes, sam_prompt_encoder_shapes
 
@@ -295,6 +296,10 @@ def test_tiny_encoder_forward_backward_and_input_check():
     assert out.shape == (1, 256, 4, 4)
     out.square().mean().backward()
     assert encoder.blocks[0].attn.rel_pos_h.grad is not None and encoder.patch_embed.proj.weight.grad.abs().sum() > 0
+    # The gradients (relative-position tables, windowed and global attention, neck) are the loss's
+    # derivatives: autograd against finite differences, both in fp64 (plain autograd, no custom backward
+    # here; in fp32 the patch bias's gradient, a sum over patches that nearly cancels, is too rough).
+    assert_gradients_match_finite_differences(encoder.double(), lambda module, x: module(x).square().mean(), image.double())
     with pytest.raises(ValueError, match=r"\[B, 3, 64, 64\]"):
         encoder(torch.randn(1, 3, 48, 48))
 

@@ -94,8 +94,22 @@ def _mlp(p, prefix, x, layers=3):
     return x
 
 
-def reference_sam_decode(p, image_embeddings, image_pe, sparse, dense, heads=HEADS, depth=2):
-    """SAM's MaskDecoder.predict_masks for one image (batch 1) and B prompts -> (masks [B,4,4h,4w], iou [B,4])."""
+def _hq_block(p, prefix, x, first_transposed):
+    """One HQ conv block: (transposed 2x2 stride-2 | 3x3) conv, LayerNorm2d, GELU, 3x3 conv."""
+    if first_transposed:
+        x = F.conv_transpose2d(x, p[prefix + "0.weight"], p[prefix + "0.bias"], stride=2)
+    else:
+        x = F.conv2d(x, p[prefix + "0.weight"], p[prefix + "0.bias"], padding=1)
+    x = F.gelu(_layer_norm_2d(p, prefix + "1.", x))
+    return F.conv2d(x, p[prefix + "3.weight"], p[prefix + "3.bias"], padding=1)
+
+
+def reference_sam_decode(p, image_embeddings, image_pe, sparse, dense, heads=HEADS, depth=2, hq_features=None):
+    """SAM's MaskDecoder.predict_masks for one image (batch 1) and B prompts -> (masks [B,4,4h,4w], iou [B,4]).
+
+    With ``hq_features = (stage1, stage2)`` the masks are RWKV-SAM's fused ones:
+    ``fused = hq_mix(cat[up, hq_mid_res(stage2), hq_high_res(stage1)]) + up`` in place of ``up``.
+    """
     batch = sparse.shape[0]
     output_tokens = torch.cat([p["iou_token.weight"], p["mask_tokens.weight"]], dim=0)
     tokens = torch.cat([output_tokens[None].expand(batch, -1, -1), sparse], dim=1)
@@ -127,6 +141,11 @@ def reference_sam_decode(p, image_embeddings, image_pe, sparse, dense, heads=HEA
     up = F.conv_transpose2d(src, p["output_upscaling.0.weight"], p["output_upscaling.0.bias"], stride=2)
     up = F.gelu(_layer_norm_2d(p, "output_upscaling.1.", up))
     up = F.gelu(F.conv_transpose2d(up, p["output_upscaling.3.weight"], p["output_upscaling.3.bias"], stride=2))
+    if hq_features is not None:
+        stage1, stage2 = hq_features
+        high = _hq_block(p, "hq_high_res.", stage1, False).expand(b, -1, -1, -1)
+        mid = _hq_block(p, "hq_mid_res.", stage2, True).expand(b, -1, -1, -1)
+        up = _hq_block(p, "hq_mix.", torch.cat([up, mid, high], 1), False) + up
     hyper = torch.stack(
         [_mlp(p, f"output_hypernetworks_mlps.{i}.", queries[:, 1 + i]) for i in range(4)], dim=1
     )
@@ -315,14 +334,6 @@ def test_hq_fusion_formula(sam_weights):
     image_pe = encoder.get_dense_pe()
     p = decoder.state_dict()
 
-    def block(prefix, x, first_transposed):
-        if first_transposed:
-            x = F.conv_transpose2d(x, p[prefix + "0.weight"], p[prefix + "0.bias"], stride=2)
-        else:
-            x = F.conv2d(x, p[prefix + "0.weight"], p[prefix + "0.bias"], padding=1)
-        x = F.gelu(_layer_norm_2d(p, prefix + "1.", x))
-        return F.conv2d(x, p[prefix + "3.weight"], p[prefix + "3.bias"], padding=1)
-
     with torch.no_grad():
         masks, _ = decoder(embeddings, image_pe, sparse, dense, True, hq_features=(stage1, stage2))
         output_tokens = torch.cat([p["iou_token.weight"], p["mask_tokens.weight"]])[None].expand(2, -1, -1)
@@ -330,9 +341,9 @@ def test_hq_fusion_formula(sam_weights):
             embeddings.expand(2, -1, -1, -1) + dense, image_pe.expand(2, -1, -1, -1), torch.cat([output_tokens, sparse], 1)
         )
         up = decoder.output_upscaling(keys.transpose(1, 2).reshape(2, WIDTH, GRID, GRID))
-        hr = block("hq_high_res.", stage1, False).expand(2, -1, -1, -1)
-        mr = block("hq_mid_res.", stage2, True).expand(2, -1, -1, -1)
-        fused = block("hq_mix.", torch.cat([up, mr, hr], 1), False) + up
+        hr = _hq_block(p, "hq_high_res.", stage1, False).expand(2, -1, -1, -1)
+        mr = _hq_block(p, "hq_mid_res.", stage2, True).expand(2, -1, -1, -1)
+        fused = _hq_block(p, "hq_mix.", torch.cat([up, mr, hr], 1), False) + up
         hyper = torch.stack([_mlp(p, f"output_hypernetworks_mlps.{i}.", hidden[:, 1 + i]) for i in (1, 2, 3)], 1)
         expected = torch.einsum("bmc,bchw->bmhw", hyper, fused)
     assert_close_rms(masks, expected, 10 * TOLERANCE[torch.float32], "hq masks")
@@ -398,8 +409,39 @@ def test_gradients_reach_hq_modules_and_iou_head(sam_weights):
     encoder = make_prompt_encoder()
     sparse, dense = prompts(encoder, batch=2)
     embeddings, hq = image_inputs()
-    masks, iou = decoder(embeddings, encoder.get_dense_pe(), sparse, dense, True, hq_features=hq)
+    image_pe = encoder.get_dense_pe()
+    masks, iou = decoder(embeddings, image_pe, sparse, dense, True, hq_features=hq)
     (masks.square().mean() + iou.square().mean()).backward()
+
+    # The same loss through the functional reference (transformer, upscaling, HQ fusion, heads written
+    # out on the state dict's names) in fp64: autograd there gives every parameter's expected gradient.
+    leaves = {name: value.detach().double().requires_grad_() for name, value in decoder.named_parameters()}
+    p = {**{name: value.double() for name, value in decoder.state_dict().items()}, **leaves}
+    all_masks, all_iou = reference_sam_decode(p, embeddings.double(), image_pe.double(), sparse.double(), dense.double(),
+                                              hq_features=tuple(h.double() for h in hq))
+    assert_close_rms(masks, all_masks[:, 1:], 10 * TOLERANCE[torch.float32], "masks")
+    reference_loss = all_masks[:, 1:].square().mean() + all_iou[:, 1:].square().mean()
+    expected = dict(zip(leaves, torch.autograd.grad(reference_loss, list(leaves.values()), allow_unused=True)))
+    # Key biases get zero gradient in exact arithmetic (softmax ignores a shift shared by all keys),
+    # and fp32 rounding noise there: the bound has an absolute part, 1e-8 of the largest entry.
+    noise = 1e-8 * max(float(g.abs().max()) for g in expected.values() if g is not None)
+    for name, parameter in decoder.named_parameters():
+        grad = torch.zeros_like(parameter) if parameter.grad is None else parameter.grad
+        want = torch.zeros_like(parameter) if expected[name] is None else expected[name].float()
+        if want.abs().max() == 0:
+            assert grad.abs().max() == 0, f"{name}: a gradient where none should flow"
+            continue
+        error = float((grad - want).double().square().mean().sqrt())
+        bound = 1e-4 * float(want.double().square().mean().sqrt()) + noise
+        assert error <= bound, f"{name} gradient: rms error {error:.3e} > {bound:.3e}"
+
+    # Multimask output drops the single-mask token's mask and score: its hypernetwork and its IoU-head
+    # row get exactly no gradient, while the HQ modules, the other heads and the mask tokens do.
+    for name, parameter in decoder.named_parameters():
+        if name.startswith("output_hypernetworks_mlps.0."):
+            assert parameter.grad is None or parameter.grad.abs().max() == 0, name
+    assert decoder.get_parameter("iou_prediction_head.layers.2.weight").grad[0].abs().max() == 0
+    assert decoder.get_parameter("iou_prediction_head.layers.2.weight").grad[1:].abs().amax(dim=1).gt(0).all()
     for name in ("hq_high_res.0.weight", "hq_mid_res.0.weight", "hq_mix.3.weight", "iou_prediction_head.layers.2.weight",
                  "output_hypernetworks_mlps.3.layers.0.weight", "mask_tokens.weight"):
         grad = decoder.get_parameter(name).grad

@@ -187,6 +187,20 @@ def test_forward_backward_reaches_every_part(model):
     for part in ("image_encoder", "prompt_encoder", "mask_decoder"):
         grads = [p.grad for p in getattr(model, part).parameters() if p.grad is not None]
         assert grads and any(g.abs().sum() > 0 for g in grads), part
+    # A single-mask box prompt uses the box-corner and no-mask embeddings and the single-mask token's
+    # hypernetwork; the point and mask-input paths and the other hypernetworks get exactly no gradient.
+    used, unused = [], []
+    for name, parameter in model.named_parameters():
+        touched = parameter.grad is not None and bool(parameter.grad.abs().max() > 0)
+        (used if touched else unused).append(name)
+    for name in ("prompt_encoder.point_embeddings.2.weight", "prompt_encoder.point_embeddings.3.weight",
+                 "prompt_encoder.no_mask_embed.weight", "mask_decoder.output_hypernetworks_mlps.0.layers.0.weight"):
+        assert name in used, name
+    for prefix in ("prompt_encoder.point_embeddings.0.", "prompt_encoder.point_embeddings.1.", "prompt_encoder.not_a_point_embed.",
+                   "prompt_encoder.mask_downscaling.", "mask_decoder.output_hypernetworks_mlps.1.",
+                   "mask_decoder.output_hypernetworks_mlps.2.", "mask_decoder.output_hypernetworks_mlps.3."):
+        names = [name for name, _ in model.named_parameters() if name.startswith(prefix)]
+        assert names and all(name in unused for name in names), prefix
     model.zero_grad()
 
 

@@ -100,6 +100,8 @@ def test_finetune_step_is_finite_and_reaches_every_parameter():
     source = PromptBatchSource(ProceduralHQDataset(0, min_side=64, max_side=96), batch_size=2, image_size=32, prompts_per_image=2)
     loss, metrics = module(source.get(0, 0, 0, 1))
     assert torch.isfinite(loss) and 0.0 <= float(metrics["train_iou"]) <= 1.0
+    # The total is the weighted sum of the reported parts (the DDP zero-touch term adds exactly 0).
+    torch.testing.assert_close(loss.detach(), metrics["mask_loss"] + module.iou_loss_weight * metrics["iou_loss"])
     loss.backward()
     missing = [name for name, p in module.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == []  # DDP needs a gradient (possibly zero) for every trainable parameter
@@ -114,7 +116,15 @@ def test_box_only_batch_still_touches_point_path():
     assert batch["is_box"].tolist() == [True]
     loss, _ = module(batch)
     loss.backward()
-    assert module.sam.prompt_encoder.point_embeddings[1].weight.grad is not None
+    prompts, decoder = module.sam.prompt_encoder, module.sam.mask_decoder
+    # Every parameter has a gradient, and it is exactly zero where a box batch does not reach: the
+    # point embeddings, and the multimask tokens' hypernetworks (boxes train the single-mask token).
+    for unused in (prompts.point_embeddings[0], prompts.point_embeddings[1], prompts.not_a_point_embed,
+                   *decoder.output_hypernetworks_mlps[1:]):
+        for parameter in unused.parameters():
+            assert parameter.grad is not None and torch.equal(parameter.grad, torch.zeros_like(parameter))
+    for used in (prompts.point_embeddings[2], prompts.point_embeddings[3], decoder.output_hypernetworks_mlps[0]):
+        assert all(parameter.grad.abs().max() > 0 for parameter in used.parameters())
 
 
 def test_config_validation():
