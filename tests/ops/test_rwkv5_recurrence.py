@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from helpers import TOLERANCE, assert_close_rms
-from linmix.ops import rwkv5_recurrence, rwkv5_recurrence_reference
+from linmix.ops import rwkv5_recurrence, rwkv5_recurrence_reference, rwkv5_recurrence_step
 
 
 def _inputs(batch, length, heads, key_dim, value_dim=None, *, dtype=torch.float64, seed=0):
@@ -69,6 +69,24 @@ def test_gradients_of_the_chunked_form_equal_the_reference():
 def test_gradcheck_on_a_small_case():
     inputs = [t.requires_grad_() for t in _inputs(1, 7, 1, 2, 3)]
     assert torch.autograd.gradcheck(lambda *args: rwkv5_recurrence(*args, chunk_size=3), inputs)
+
+
+def test_steps_continue_the_chunked_form():
+    """A chunked prefix, then one step per token, equals the chunked form over the whole sequence."""
+    r, k, v, log_decay, bonus, state = _inputs(2, 17, 3, 4, 5)
+    y_all, s_all = rwkv5_recurrence(r, k, v, log_decay, bonus, state, chunk_size=4)
+    y_prefix, s = rwkv5_recurrence(r[:, :11], k[:, :11], v[:, :11], log_decay[:, :11], bonus, state, chunk_size=4)
+    steps = []
+    for t in range(11, 17):
+        y_t, s = rwkv5_recurrence_step(r[:, t], k[:, t], v[:, t], log_decay[:, t], bonus, s)
+        steps.append(y_t)
+    assert_close_rms(torch.cat([y_prefix, torch.stack(steps, 1)], 1), y_all, TOLERANCE[torch.float64], "steps")
+    assert_close_rms(s, s_all, TOLERANCE[torch.float64], "state after steps")
+    # A decay shared by all rows, [H, K], as the layer passes it.
+    shared = log_decay[0, 0]
+    y_t, s_t = rwkv5_recurrence_step(r[:, 0], k[:, 0], v[:, 0], shared, bonus, state)
+    y_b, s_b = rwkv5_recurrence_step(r[:, 0], k[:, 0], v[:, 0], shared.expand(2, -1, -1), bonus, state)
+    assert torch.equal(y_t, y_b) and torch.equal(s_t, s_b)
 
 
 def test_reference_by_hand_one_channel():

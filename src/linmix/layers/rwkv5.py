@@ -12,7 +12,7 @@ previous token before the first one)::
 
 The recurrence is the op :func:`linmix.ops.rwkv5.rwkv5_recurrence` (chunked; its token-by-token
 oracle is :func:`linmix.ops.rwkv5.rwkv5_recurrence_reference`, both re-exported here); the one-token
-update is :meth:`RWKV5TimeMix.step`. Decays are per position (``log_decay [B, T, H, K]``) so that
+update :func:`linmix.ops.rwkv5.rwkv5_recurrence_step` is behind :meth:`RWKV5TimeMix.step`. Decays are per position (``log_decay [B, T, H, K]``) so that
 padded tokens get decay 1 and no input.
 
 State size by the BASED paper's accounting for a matrix-valued RWKV: ``H * K^2`` numbers (the
@@ -29,7 +29,7 @@ from torch import nn
 
 from linmix.layers.base import CausalMixer, MixerState, check_sequence_input, check_step_input, normalize_attention_mask
 from linmix.ops._checks import accumulation_dtype, require_positive_int
-from linmix.ops.rwkv5 import rwkv5_recurrence, rwkv5_recurrence_reference
+from linmix.ops.rwkv5 import rwkv5_recurrence, rwkv5_recurrence_reference, rwkv5_recurrence_step
 
 __all__ = ["RWKV5State", "RWKV5TimeMix", "rwkv5_recurrence", "rwkv5_recurrence_reference"]
 
@@ -142,11 +142,7 @@ class RWKV5TimeMix(CausalMixer):
         check_step_input(x_t, self.d_model)
         self._check_state(state, x_t.shape[0])
         r, k, v, gate = self._projections(x_t, state.previous_x.to(x_t.dtype))
-        dtype = state.wkv.dtype
-        r, k, v = r.to(dtype), k.to(dtype), v.to(dtype)
-        kv = k[..., :, None] * v[..., None, :]  # [B, H, K, K]
-        y = torch.einsum("bhk,bhkv->bhv", r, state.wkv + self.time_first.to(dtype)[None, :, :, None] * kv)
-        wkv = torch.exp(self._log_decay().to(dtype))[None, ..., None] * state.wkv + kv
+        y, wkv = rwkv5_recurrence_step(r, k, v, self._log_decay(), self.time_first, state.wkv)
         return self._readout(y, gate), RWKV5State(wkv=wkv, previous_x=x_t)
 
     def init_state(self, batch_size: int, *, device=None, dtype=None) -> RWKV5State:

@@ -14,7 +14,7 @@ from linmix.ops.linear_attention import (
 )
 from linmix.ops.q_shift import q_shift, q_shift_reference, shifted_mixes
 from linmix.ops.rotary import apply_rotary, rotary_cos_sin
-from linmix.ops.rwkv5 import rwkv5_recurrence, rwkv5_recurrence_reference
+from linmix.ops.rwkv5 import rwkv5_recurrence, rwkv5_recurrence_reference, rwkv5_recurrence_step
 from linmix.ops.selective_scan import selective_scan, selective_scan_reference, selective_scan_step
 from linmix.ops.short_conv import ShortConvState, short_conv, short_conv_reference, short_conv_step
 from linmix.ops.sliding_window import (
@@ -46,6 +46,7 @@ __all__ = [
     "rotary_cos_sin",
     "rwkv5_recurrence",
     "rwkv5_recurrence_reference",
+    "rwkv5_recurrence_step",
     "selective_scan",
     "selective_scan_reference",
     "selective_scan_step",

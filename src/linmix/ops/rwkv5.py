@@ -14,8 +14,9 @@ and no input (k = 0). Two forms:
   tokens a masked ``[C, C]`` attention-like product with per-channel decays, across chunks the
   state. Every exponent it forms is a sum of log decays, so <= 0: nothing overflows.
 
-The one-token update is the reference's loop body; :class:`linmix.layers.rwkv5.RWKV5TimeMix.step`
-writes it out. Both forms compute in the dtype of ``state`` (the layer keeps it in fp32 for
+- :func:`rwkv5_recurrence_step`: one token (decoding), the reference's loop body.
+
+All forms compute in the dtype of ``state`` (the layer keeps it in fp32 for
 half-precision activations) and return ``y`` and the final state in that dtype. Validation reads
 shapes only, never values, so both forms trace and compile without graph breaks.
 """
@@ -26,7 +27,7 @@ import torch
 
 from linmix.ops._checks import require_positive_int, require_shape
 
-__all__ = ["rwkv5_recurrence", "rwkv5_recurrence_reference"]
+__all__ = ["rwkv5_recurrence", "rwkv5_recurrence_reference", "rwkv5_recurrence_step"]
 
 _LAYOUT = "[B, T, H, K]"
 
@@ -50,6 +51,19 @@ def _check_inputs(r, k, v, log_decay, bonus, state) -> None:
         raise ValueError(f"state must have shape [B, H, K, V] = {(batch, heads, key_dim, value_dim)}, got {tuple(state.shape)}")
 
 
+def rwkv5_recurrence_step(r_t, k_t, v_t, log_decay_t, bonus, state):
+    """One token: r_t, k_t: [B, H, K]; v_t: [B, H, V]; log_decay_t: [B, H, K] (or [H, K], the same for
+    every row); bonus: [H, K]; state: [B, H, K, V] -> (y_t [B, H, V], new state), in the state's dtype.
+
+    No validation (it runs once per decoded token; the layer checks its state once per call).
+    """
+    dtype = state.dtype
+    r_t, k_t, v_t, log_decay_t, bonus = (t.to(dtype) for t in (r_t, k_t, v_t, log_decay_t, bonus))
+    kv = k_t[..., :, None] * v_t[..., None, :]  # [B, H, K, V]
+    y_t = torch.einsum("bhk,bhkv->bhv", r_t, state + bonus[None, :, :, None] * kv)
+    return y_t, torch.exp(log_decay_t)[..., None] * state + kv
+
+
 def rwkv5_recurrence_reference(r, k, v, log_decay, bonus, state):
     """Token by token (the oracle). r, k, log_decay: [B, T, H, K]; v: [B, T, H, V]; bonus: [H, K];
     state: [B, H, K, V].
@@ -57,16 +71,12 @@ def rwkv5_recurrence_reference(r, k, v, log_decay, bonus, state):
     Returns ``y [B, T, H, V]`` and the final state ``[B, H, K, V]``, both in the dtype of ``state``.
     """
     _check_inputs(r, k, v, log_decay, bonus, state)
-    dtype = state.dtype
-    r, k, v, log_decay = (t.to(dtype) for t in (r, k, v, log_decay))
-    bonus = bonus.to(dtype)
     outputs = []
     for t in range(r.shape[1]):
-        kv = k[:, t, :, :, None] * v[:, t, :, None, :]  # [B, H, K, V]
-        outputs.append(torch.einsum("bhk,bhkv->bhv", r[:, t], state + bonus[None, :, :, None] * kv))
-        state = torch.exp(log_decay[:, t])[..., None] * state + kv
+        y_t, state = rwkv5_recurrence_step(r[:, t], k[:, t], v[:, t], log_decay[:, t], bonus, state)
+        outputs.append(y_t)
     if not outputs:
-        return r.new_zeros(r.shape[0], 0, r.shape[2], v.shape[3], dtype=dtype), state
+        return r.new_zeros(r.shape[0], 0, r.shape[2], v.shape[3], dtype=state.dtype), state
     return torch.stack(outputs, dim=1), state
 
 

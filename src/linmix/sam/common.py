@@ -24,7 +24,6 @@ def _can_fuse(x: torch.Tensor, conv: nn.Conv2d) -> bool:
         return False
     return (
         _FUSED_CONV_AVAILABLE
-        and _FUSED_CONV is not None
         and x.device.type == "cpu"
         and x.dtype == torch.float32 == conv.weight.dtype
         and x.dim() == 4
