@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from helpers import assert_close_rms
+from linmix.layers.vision_rwkv import VRWKVBlock
 from linmix.ops import native
+from linmix.ops.q_shift import q_shift, shifted_mixes
 from linmix.ops.wkv import bi_wkv, bi_wkv_reference
-from linmix.sam.backbone import VRWKVBlock, q_shift, shifted_mixes
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: {native.unavailable_reason()}")
 

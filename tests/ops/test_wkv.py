@@ -156,11 +156,11 @@ def test_bi_wkv_gradcheck():
 
 
 def test_bi_wkv_auto_form_picks_one_shift_only_where_exact(monkeypatch):
-    import linmix.ops.wkv as wkv_module
+    import linmix.ops.wkv_chunked as forms_module
 
     calls = []
-    real = wkv_module.bi_wkv_one_shift
-    monkeypatch.setattr(wkv_module, "bi_wkv_one_shift", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = forms_module.bi_wkv_one_shift
+    monkeypatch.setattr(forms_module, "bi_wkv_one_shift", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     w, u, k, v = _bi_inputs(50)
     bi_wkv(w, u, k, v, backend="torch")  # Vision-RWKV decays: (T - 1) |w| <= 20
     assert calls == [1]

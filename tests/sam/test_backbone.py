@@ -1,168 +1,50 @@
-"""RWKV-SAM backbone: Q-shift, the Vision-RWKV block against a direct fp64 formula, the fancy init,
-every variant forward/backward, input validation and the spec's parameter counts."""
-
-import math
+"""RWKV-SAM backbone: block construction per token mixer, norms and neck, every variant
+forward/backward, input validation, the spec's parameter counts and the fused conv + GELU. The
+Vision-RWKV layers are tested in tests/layers/test_vision_rwkv.py, Q-shift in tests/ops/test_q_shift.py."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import TOLERANCE, assert_close_rms
-from linmix.ops.wkv import bi_wkv_reference
+from helpers import assert_close_rms
 from linmix.sam.backbone import (
     BACKBONE_VARIANTS,
+    TOKEN_BLOCK_BUILDERS,
     TOKEN_MIXERS,
+    AttentionBlock,
     LayerNorm2d,
     Neck,
     RwkvSamBackbone,
     RwkvSamImageEncoder,
     VRWKVBlock,
-    VRWKVSpatialMix,
-    q_shift,
 )
 
 
 # --------------------------------------------------------------------------------------------------
-# Q-shift
+# the token blocks are layers (tested in tests/layers/test_vision_rwkv.py); the backbone composes them
 
 
-def _grid_tokens(height, width, channels):
-    """x[0, h * width + w, c] = 100 c + 10 h + w + 1: every value distinct and nonzero."""
-    h = torch.arange(height)[:, None, None]
-    w = torch.arange(width)[None, :, None]
-    c = torch.arange(channels)[None, None, :]
-    return (100 * c + 10 * h + w + 1).double().reshape(1, height * width, channels)
+def test_backbone_re_exports_the_moved_names():
+    import linmix.layers as layers
+    import linmix.ops as ops
+    import linmix.sam.backbone as backbone
+
+    assert backbone.VRWKVBlock is layers.VRWKVBlock and backbone.VRWKVSpatialMix is layers.VRWKVSpatialMix
+    assert backbone.VRWKVChannelMix is layers.VRWKVChannelMix and backbone.DropPath is layers.DropPath
+    assert backbone.q_shift is ops.q_shift and backbone.shifted_mixes is ops.shifted_mixes
 
 
-def test_q_shift_moves_each_group_in_its_direction():
-    height, width, channels = 3, 4, 9  # g = 2; channel 8 passes through
-    x = _grid_tokens(height, width, channels)
-    y = q_shift(x, height, width).reshape(height, width, channels)
-
-    def value(h, w, c):
-        return 100 * c + 10 * h + w + 1
-
-    # Spot values by hand at the centre-ish token (h=1, w=2).
-    assert y[1, 2, 0] == value(1, 1, 0)  # left neighbour
-    assert y[1, 2, 3] == value(1, 3, 3)  # right neighbour
-    assert y[1, 2, 4] == value(0, 2, 4)  # above
-    assert y[1, 2, 7] == value(2, 2, 7)  # below
-    assert y[1, 2, 8] == value(1, 2, 8)  # pass-through
-
-    # Every element, with zero padding at the borders.
-    offsets = {0: (0, -1), 1: (0, 1), 2: (-1, 0), 3: (1, 0)}
-    for h in range(height):
-        for w in range(width):
-            for c in range(channels):
-                group = c // 2
-                dh, dw = offsets.get(group, (0, 0))
-                hh, ww = h + dh, w + dw
-                expected = value(hh, ww, c) if 0 <= hh < height and 0 <= ww < width else 0
-                assert y[h, w, c] == expected, (h, w, c)
-    assert (y[:, 0, 0:2] == 0).all() and (y[:, -1, 2:4] == 0).all()
-    assert (y[0, :, 4:6] == 0).all() and (y[-1, :, 6:8] == 0).all()
-
-
-def test_q_shift_single_row_and_column_and_bad_shape():
-    x = torch.randn(2, 5, 8)
-    row = q_shift(x, 1, 5)  # no neighbour above or below
-    assert (row[..., 4:] == 0).all()
-    assert torch.equal(row[:, 1:, :2], x[:, :-1, :2])
-    column = q_shift(x, 5, 1)  # no neighbour left or right
-    assert (column[..., :4] == 0).all()
-    assert torch.equal(column[:, 1:, 4:6], x[:, :-1, 4:6])
-    with pytest.raises(ValueError, match="height \\* width"):
-        q_shift(x, 2, 3)
-
-
-# --------------------------------------------------------------------------------------------------
-# Vision-RWKV block against a direct fp64 implementation
-
-
-def _randomize_(module):
-    with torch.no_grad():
-        for name, parameter in module.named_parameters():
-            if name.endswith("spatial_decay"):
-                parameter.copy_(4 * torch.randn_like(parameter))  # negative decays included
-            elif "spatial_mix" in name:
-                parameter.uniform_(0, 1)
-            else:
-                parameter.add_(0.2 * torch.randn_like(parameter))
-    return module
-
-
-def _direct_spatial_mix(att, x, height, width):
-    shifted = q_shift(x, height, width)
-    mixed = {name: x * getattr(att, f"spatial_mix_{name}") + shifted * (1 - getattr(att, f"spatial_mix_{name}")) for name in "kvr"}
-    k = mixed["k"] @ att.key.weight.T
-    v = mixed["v"] @ att.value.weight.T
-    r = mixed["r"] @ att.receptance.weight.T
-    length = height * width
-    wkv = bi_wkv_reference(att.spatial_decay / length, att.spatial_first / length, k, v)
-    return (torch.sigmoid(r) * wkv) @ att.output.weight.T
-
-
-def _direct_channel_mix(ffn, x, height, width):
-    shifted = q_shift(x, height, width)
-    x_k = x * ffn.spatial_mix_k + shifted * (1 - ffn.spatial_mix_k)
-    x_r = x * ffn.spatial_mix_r + shifted * (1 - ffn.spatial_mix_r)
-    hidden = torch.relu(x_k @ ffn.key.weight.T) ** 2
-    return torch.sigmoid(x_r @ ffn.receptance.weight.T) * (hidden @ ffn.value.weight.T)
-
-
-@pytest.mark.parametrize("height, width", [(3, 5), (8, 8)])
-def test_spatial_mix_matches_direct_formula_fp64(height, width):
-    att = _randomize_(VRWKVSpatialMix(12, layer_id=3, depth=14)).double()
-    x = torch.randn(2, height * width, 12, dtype=torch.float64)
-    with torch.no_grad():
-        assert_close_rms(att(x, height, width), _direct_spatial_mix(att, x, height, width), TOLERANCE[torch.float64], "spatial mix")
-
-
-def test_block_matches_direct_formula_fp64_and_fp32():
-    height, width, dim = 4, 6, 16
-    block = _randomize_(VRWKVBlock(dim, layer_id=5, depth=14))
-    x = torch.randn(2, height * width, dim, dtype=torch.float64)
-
-    def direct(block, x):
-        ln = lambda norm, t: F.layer_norm(t, (dim,), norm.weight, norm.bias, 1e-6)  # noqa: E731
-        x = x + block.gamma1 * _direct_spatial_mix(block.att, ln(block.ln1, x), height, width)
-        return x + block.gamma2 * _direct_channel_mix(block.ffn, ln(block.ln2, x), height, width)
-
-    with torch.no_grad():
-        expected = direct(block.double(), x)
-        assert_close_rms(block(x, height, width), expected, TOLERANCE[torch.float64], "block fp64")
-        block.float()
-        assert_close_rms(block(x.float(), height, width), expected, TOLERANCE[torch.float32], "block fp32")
-
-
-def test_block_norms_and_layer_scale_defaults():
-    block = VRWKVBlock(8, 0, 14)
-    assert block.ln1.eps == 1e-6 and block.ln2.eps == 1e-6
-    assert torch.equal(block.gamma1, torch.full((8,), 1e-2)) and torch.equal(block.gamma2, torch.full((8,), 1e-2))
-    assert block.ffn.key.weight.shape == (16, 8) and block.ffn.value.weight.shape == (8, 16)
-    for linear in (block.att.key, block.att.value, block.att.receptance, block.att.output, block.ffn.key, block.ffn.value, block.ffn.receptance):
-        assert linear.bias is None
-
-
-def test_fancy_init_matches_the_formulas():
-    dim, layer, depth = 384, 3, 14
-    block = VRWKVBlock(dim, layer, depth)
-    r0, r1 = layer / (depth - 1), 1 - layer / depth
-    att, ffn = block.att, block.ffn
-    for c in (0, 1, 2, 100, 383):
-        assert att.spatial_decay[c].item() == pytest.approx(-5 + 8 * (c / (dim - 1)) ** (0.7 + 1.3 * r0), abs=1e-6)
-        assert att.spatial_first[c].item() == pytest.approx(math.log(0.3) + 0.5 * ((c + 1) % 3 - 1), abs=1e-6)
-        x = c / dim
-        assert att.spatial_mix_k[c].item() == pytest.approx(x**r1, abs=1e-6)
-        assert att.spatial_mix_v[c].item() == pytest.approx(x**r1 + 0.3 * r0, abs=1e-6)
-        assert att.spatial_mix_r[c].item() == pytest.approx(x ** (0.5 * r1), abs=1e-6)
-        assert ffn.spatial_mix_k[c].item() == pytest.approx(x**r1, abs=1e-6)
-        assert ffn.spatial_mix_r[c].item() == pytest.approx(x**r1, abs=1e-6)
-    assert att.spatial_decay[0].item() == pytest.approx(-5.0) and att.spatial_decay[-1].item() == pytest.approx(3.0)
-    # The first layer: r0 = 0, r1 = 1.
-    first = VRWKVSpatialMix(dim, 0, depth)
-    assert first.spatial_mix_v[100].item() == pytest.approx(100 / dim, abs=1e-6)
-    assert first.spatial_decay[100].item() == pytest.approx(-5 + 8 * (100 / (dim - 1)) ** 0.7, abs=1e-6)
+@pytest.mark.parametrize("token_mixer, block_type", [("rwkv", VRWKVBlock), ("attention", AttentionBlock)])
+def test_each_token_mixer_builds_its_blocks_with_rising_drop_path(token_mixer, block_type):
+    assert TOKEN_MIXERS == tuple(TOKEN_BLOCK_BUILDERS)
+    with torch.device("meta"):
+        backbone = RwkvSamBackbone("tiny", token_mixer, drop_path_rate=0.13, mlp_ratio=3, layer_scale_init=0.5)
+    assert len(backbone.blocks) == 14 and all(type(block) is block_type for block in backbone.blocks)
+    rates = [block.drop_path.p for block in backbone.blocks]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.13) and rates == sorted(rates)
+    assert all(block.gamma1.shape == (192,) for block in backbone.blocks)
+    hidden = backbone.blocks[0].ffn.key.weight.shape[0] if token_mixer == "rwkv" else backbone.blocks[0].ffn.w0.weight.shape[0]
+    assert hidden == 3 * 192
 
 
 # --------------------------------------------------------------------------------------------------
@@ -310,7 +192,7 @@ def test_encoder_inference_with_fused_convs_equals_the_plain_form(monkeypatch):
     image = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
         fused = encoder(image)
-        monkeypatch.setattr("linmix.sam.common._FUSED_CONV", None)
+        monkeypatch.setattr("linmix.sam.common._FUSED_CONV_AVAILABLE", False)
         plain = encoder(image)
     for a, b in zip(fused, plain):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -1,4 +1,5 @@
-"""nn.Modules on the ops. Causal mixers share the contract of :mod:`linmix.layers.base`."""
+"""nn.Modules on the ops. Causal mixers share the contract of :mod:`linmix.layers.base`; the vision
+token mixers (:mod:`linmix.layers.vision_rwkv`) take ``(x [B, T, C], height, width)``."""
 
 from linmix.layers.attention import KVCache, MultiHeadAttention, SlidingWindowAttention
 from linmix.layers.base import CausalMixer, MixerState
@@ -9,11 +10,14 @@ from linmix.layers.mlp import GatedMLP
 from linmix.layers.norm import RMSNorm
 from linmix.layers.rwkv import RWKVTimeMix
 from linmix.layers.rwkv5 import RWKV5State, RWKV5TimeMix
+from linmix.layers.vision_common import DropPath
+from linmix.layers.vision_rwkv import VRWKVBlock, VRWKVChannelMix, VRWKVSpatialMix
 
 __all__ = [
     "BaseConv",
     "BasedLinearAttention",
     "CausalMixer",
+    "DropPath",
     "GatedMLP",
     "KVCache",
     "Mamba",
@@ -26,4 +30,7 @@ __all__ = [
     "RWKVTimeMix",
     "ShortConvolution",
     "SlidingWindowAttention",
+    "VRWKVBlock",
+    "VRWKVChannelMix",
+    "VRWKVSpatialMix",
 ]

@@ -10,11 +10,10 @@ previous token before the first one)::
     y_t   = r_t (diag(u) k_t^T v_t + S_{t-1})                 u = time_first [H, K], the bonus
     out   = output(GroupNorm_per_head(y) * silu(gate(x_g)))
 
-Three forms of the recurrence: :func:`rwkv5_recurrence_reference` (token by token, the oracle),
-:func:`rwkv5_recurrence` (chunked: within a chunk a masked [C, C] attention-like product with
-per-channel decays, across chunks the state) and the one-token :meth:`RWKV5TimeMix.step`. Decays are
-per position (``log_decay [B, T, H, K]``) so that padded tokens get decay 1 and no input; every
-exponent formed is <= 0, so nothing overflows.
+The recurrence is the op :func:`linmix.ops.rwkv5.rwkv5_recurrence` (chunked; its token-by-token
+oracle is :func:`linmix.ops.rwkv5.rwkv5_recurrence_reference`, both re-exported here); the one-token
+update :func:`linmix.ops.rwkv5.rwkv5_recurrence_step` is behind :meth:`RWKV5TimeMix.step`. Decays are per position (``log_decay [B, T, H, K]``) so that
+padded tokens get decay 1 and no input.
 
 State size by the BASED paper's accounting for a matrix-valued RWKV: ``H * K^2`` numbers (the
 previous token of the shift, d numbers, is not counted there).
@@ -30,53 +29,9 @@ from torch import nn
 
 from linmix.layers.base import CausalMixer, MixerState, check_sequence_input, check_step_input, normalize_attention_mask
 from linmix.ops._checks import accumulation_dtype, require_positive_int
+from linmix.ops.rwkv5 import rwkv5_recurrence, rwkv5_recurrence_reference, rwkv5_recurrence_step
 
 __all__ = ["RWKV5State", "RWKV5TimeMix", "rwkv5_recurrence", "rwkv5_recurrence_reference"]
-
-
-def rwkv5_recurrence_reference(r, k, v, log_decay, bonus, state):
-    """Token by token. r, k, v, log_decay: [B, T, H, K]; bonus: [H, K]; state: [B, H, K, K].
-
-    Returns y [B, T, H, K] and the final state (both in the dtype of ``state``).
-    """
-    dtype = state.dtype
-    r, k, v, log_decay = (t.to(dtype) for t in (r, k, v, log_decay))
-    bonus = bonus.to(dtype)
-    outputs = []
-    for t in range(r.shape[1]):
-        kv = k[:, t, :, :, None] * v[:, t, :, None, :]  # [B, H, K, K]
-        outputs.append(torch.einsum("bhk,bhkv->bhv", r[:, t], state + bonus[None, :, :, None] * kv))
-        state = torch.exp(log_decay[:, t])[..., None] * state + kv
-    return torch.stack(outputs, dim=1), state
-
-
-def rwkv5_recurrence(r, k, v, log_decay, bonus, state, chunk_size: int = 16):
-    """Chunked form of :func:`rwkv5_recurrence_reference` (same arguments and results)."""
-    require_positive_int("chunk_size", chunk_size)
-    dtype = state.dtype
-    r, k, v, log_decay = (t.to(dtype) for t in (r, k, v, log_decay))
-    bonus = bonus.to(dtype)
-    outputs = []
-    for start in range(0, r.shape[1], chunk_size):
-        rc, kc, vc, wc = (t[:, start : start + chunk_size] for t in (r, k, v, log_decay))
-        size = rc.shape[1]
-        inclusive = wc.cumsum(dim=1)  # [B, C, H, K]: log decay from the chunk start through token i
-        exclusive = inclusive - wc  # ... through token i - 1
-        # from the carried-in state: S_{i-1} holds exp(exclusive_i) * S_start
-        y = torch.einsum("bihk,bhkv->bihv", rc * torch.exp(exclusive), state)
-        # within the chunk, j < i: k_j v_j decayed by the tokens j+1 .. i-1
-        earlier = torch.ones(size, size, dtype=torch.bool, device=r.device).tril(-1)[None, :, :, None, None]
-        exponent = (exclusive[:, :, None] - inclusive[:, None, :]).masked_fill(~earlier, float("-inf"))
-        scores = torch.einsum("bihk,bjhk,bijhk->bhij", rc, kc, torch.exp(exponent))
-        y = y + torch.einsum("bhij,bjhv->bihv", scores, vc)
-        y = y + (rc * bonus * kc).sum(-1, keepdim=True) * vc  # the current token, with the bonus
-        outputs.append(y)
-        total = inclusive[:, -1]  # [B, H, K]
-        carried = kc * torch.exp(total[:, None] - inclusive)  # decay of k_j to the chunk end
-        state = torch.exp(total)[..., None] * state + torch.einsum("bjhk,bjhv->bhkv", carried, vc)
-    if not outputs:
-        return r.new_zeros(r.shape[0], 0, r.shape[2], v.shape[3]), state
-    return torch.cat(outputs, dim=1), state
 
 
 @dataclasses.dataclass
@@ -187,11 +142,7 @@ class RWKV5TimeMix(CausalMixer):
         check_step_input(x_t, self.d_model)
         self._check_state(state, x_t.shape[0])
         r, k, v, gate = self._projections(x_t, state.previous_x.to(x_t.dtype))
-        dtype = state.wkv.dtype
-        r, k, v = r.to(dtype), k.to(dtype), v.to(dtype)
-        kv = k[..., :, None] * v[..., None, :]  # [B, H, K, K]
-        y = torch.einsum("bhk,bhkv->bhv", r, state.wkv + self.time_first.to(dtype)[None, :, :, None] * kv)
-        wkv = torch.exp(self._log_decay().to(dtype))[None, ..., None] * state.wkv + kv
+        y, wkv = rwkv5_recurrence_step(r, k, v, self._log_decay(), self.time_first, state.wkv)
         return self._readout(y, gate), RWKV5State(wkv=wkv, previous_x=x_t)
 
     def init_state(self, batch_size: int, *, device=None, dtype=None) -> RWKV5State:

@@ -30,6 +30,7 @@ from linmix.layers import (
     SlidingWindowAttention,
 )
 from linmix.lm.config import BasedConfig, preset
+from linmix.ops._checks import tracing_or_exporting
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -164,6 +165,10 @@ class BasedForCausalLM(nn.Module):
             raise ValueError(f"input_ids must be an integer tensor of shape {layout}, got {getattr(input_ids, 'dtype', type(input_ids).__name__)}")
         if input_ids.dim() != len(layout.split(",")):
             raise ValueError(f"input_ids must have shape {layout}, got {tuple(input_ids.shape)}")
+        # The range check reads values (a host sync, and a graph break under torch.compile): it runs in
+        # eager mode only; a compiled or exported model trusts its ids (dtype and shape are still checked).
+        if tracing_or_exporting(input_ids):
+            return
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
             raise ValueError(f"input_ids must lie in [0, vocab_size = {self.config.vocab_size}), "
                              f"got values in [{int(input_ids.min())}, {int(input_ids.max())}]")

@@ -4,6 +4,8 @@ Every op keeps its torch path (the CPU path and the test oracle). A GPU path (a 
 ours, or PyTorch's FlexAttention) is chosen by the op's ``backend`` argument:
 
 - ``"auto"`` (default): the GPU path for CUDA tensors when it is installed and eligible, else torch;
+  while tracing, exporting or compiling always torch (the compiler makes its own kernels from it,
+  and the choice stays out of the traced graph);
 - ``"torch"``: always the torch path;
 - the GPU path's own name (``"triton"``, ``"flex"``): always that path, an error where it cannot run.
   Triton kernels also run on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1`` set
@@ -20,6 +22,8 @@ import importlib.util
 import os
 
 import torch
+
+from linmix.ops._checks import tracing_or_exporting
 
 FORCE_REFERENCE_ENV = "LINMIX_FORCE_REFERENCE"
 
@@ -77,4 +81,6 @@ def use_triton(backend: str, *tensors: torch.Tensor, eligible: bool, why_not: st
             raise ValueError("backend='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
                              "before linmix's Triton kernels are first imported")
         return True
+    if tracing_or_exporting(*tensors):
+        return False
     return eligible and on_cuda and not reference_forced() and triton_installed()

@@ -19,8 +19,9 @@ Forms:
 
 - :func:`bi_wkv_reference` / :func:`causal_wkv_reference`: the quadratic T x T forms in fp64 with a
   row-max-shifted softmax, the test oracles.
-- :func:`bi_wkv`: the O(T) vectorised form (no Python loop over time; cumsum / exp / max / where
-  only, so it traces and exports with a dynamic T). See its docstring for the numerics.
+- :func:`bi_wkv`: the public O(T) op, choosing its backend (Triton on CUDA, the native C scan on
+  CPU, else the torch forms of :mod:`linmix.ops.wkv_chunked`, which trace and export with a
+  dynamic T).
 - :func:`causal_wkv`: the chunked form for training and prefill (exact intra-chunk sums with a
   per-row max, a max-tracked state carried across chunks), with state in and out.
 - :func:`causal_wkv_step`: one token of the recurrence over :class:`WKVState` (RWKV-4's
@@ -36,7 +37,6 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 
 from linmix.ops import dispatch, native
 from linmix.ops._checks import (
@@ -47,12 +47,9 @@ from linmix.ops._checks import (
     tracing_or_exporting,
 )
 from linmix.ops.state import MixerState
-from linmix.ops.wkv_one_shift import bi_wkv_one_shift, one_shift_applicable
-
-# "No contribution yet" exponent of an empty state: finite (so that differences of exponents never
-# meet -inf - -inf), yet exp(_EMPTY_EXPONENT - anything real) is exactly 0 in fp32.
-_EMPTY_EXPONENT = -1e38
-_NEG_INF = float("-inf")
+from linmix.ops._wkv_numerics import EMPTY_EXPONENT, NEG_INF, finite_or_zero, safe_divide
+from linmix.ops.wkv_chunked import BI_WKV_FORMS, bi_wkv_torch
+from linmix.ops.wkv_one_shift import one_shift_applicable
 
 
 @dataclasses.dataclass
@@ -74,7 +71,7 @@ class WKVState(MixerState):
         return cls(
             a=torch.zeros(batch_size, channels, device=device, dtype=dtype),
             b=torch.zeros(batch_size, channels, device=device, dtype=dtype),
-            p=torch.full((batch_size, channels), _EMPTY_EXPONENT, device=device, dtype=dtype),
+            p=torch.full((batch_size, channels), EMPTY_EXPONENT, device=device, dtype=dtype),
         )
 
 
@@ -111,34 +108,6 @@ def _compute_dtypes(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.dtype, torc
     return out_dtype, accumulation_dtype(out_dtype)
 
 
-def _finite_or_zero(exponent: torch.Tensor) -> torch.Tensor:
-    """A shift to subtract: -inf (no term at all) becomes 0 so that exp(-inf - shift) = 0, not NaN."""
-    return torch.where(exponent == _NEG_INF, torch.zeros_like(exponent), exponent)
-
-
-def _safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
-    """numerator / denominator, 0 where the denominator is 0 (with NaN-free gradients)."""
-    positive = denominator > 0
-    return torch.where(positive, numerator / torch.where(positive, denominator, torch.ones_like(denominator)), torch.zeros_like(numerator))
-
-
-def _safe_log(x: torch.Tensor) -> torch.Tensor:
-    """log(x) for x >= 0, -inf at 0 (with NaN-free gradients)."""
-    positive = x > 0
-    return torch.where(positive, torch.log(torch.where(positive, x, torch.ones_like(x))), torch.full_like(x, _NEG_INF))
-
-
-def _exclusive_cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """sum_{j' < j} x_j' along ``dim`` (shifted inclusive cumsum: no subtraction, no cancellation)."""
-    inclusive = torch.cumsum(x, dim=dim)
-    return torch.cat([torch.zeros_like(inclusive.narrow(dim, 0, 1)), inclusive.narrow(dim, 0, x.shape[dim] - 1)], dim=dim)
-
-
-def _exclusive_reverse_cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """sum_{j' > j} x_j' along ``dim``."""
-    return _exclusive_cumsum(x.flip(dim), dim).flip(dim)
-
-
 # --------------------------------------------------------------------------------------------------
 # bidirectional WKV
 
@@ -151,9 +120,9 @@ def _row_blocks(rows: int, row_elements: int, budget: int = 1 << 22):
 
 def _softmax_rows(exponent: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """sum_i softmax_i(exponent[..., i, :]) v_i over dim -2, row-max shifted; rows with no term give 0."""
-    shift = _finite_or_zero(exponent.amax(dim=-2, keepdim=True)).detach()
+    shift = finite_or_zero(exponent.amax(dim=-2, keepdim=True)).detach()
     weights = torch.exp(exponent - shift)
-    return _safe_divide((weights * v).sum(dim=-2), weights.sum(dim=-2))
+    return safe_divide((weights * v).sum(dim=-2), weights.sum(dim=-2))
 
 
 def bi_wkv_reference(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -177,13 +146,10 @@ def bi_wkv_reference(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch
     return torch.cat(outputs, dim=1).to(out_dtype)
 
 
-BI_WKV_FORMS = ("auto", "one_shift", "chunked")
-
-
 def _use_native(backend: str, form: str, w, u, k, v) -> bool:
     """Whether :func:`bi_wkv` runs the C scan kernel (``w, u, k, v`` already in the compute dtype)."""
-    if backend == "torch" or form != "auto" or (backend == "auto" and dispatch.reference_forced()):
-        return False
+    if backend == "torch" or form != "auto" or (backend == "auto" and (tracing_or_exporting(w, u, k, v) or dispatch.reference_forced())):
+        return False  # traced / compiled graphs never call the ctypes kernel
     reasons = native.ineligible(w, u, k, v)
     if not reasons and not one_shift_applicable(w, u, k.shape[1]):
         reasons.append("(T - 1) max|w| <= 20 and max|u| <= 60")
@@ -208,38 +174,21 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
 
     ``form`` (torch backend): "one_shift" is :func:`linmix.ops.wkv_one_shift.bi_wkv_one_shift`, about
     4x faster on CPU, exact while ``(T - 1) max|w| <= 20`` (always so for Vision-RWKV's ``w / T``
-    with a raw decay up to 20); "chunked" is the vectorised prefix-sum form below, exact for any
-    decay given a small enough ``chunk_size`` and free of Python control flow, so it is what export
-    and tracing use; "auto" picks one-shift where it is exact and not tracing, chunked otherwise.
+    with a raw decay up to 20); "chunked" is :func:`linmix.ops.wkv_chunked.bi_wkv_chunked`, exact
+    for any decay given a small enough ``chunk_size`` and free of data-dependent Python control
+    flow, so it is what export, tracing and torch.compile use; "auto" picks one-shift where it is
+    exact and not tracing, chunked otherwise.
 
     ``backend``: "auto" (the Triton kernel of :mod:`linmix.ops.triton.bi_wkv` for CUDA tensors, see
     :mod:`linmix.ops.dispatch`; for fp32 / half CPU inputs outside autograd and tracing, the C scan
-    kernel of :mod:`linmix.ops.native` where it builds and one-shift is exact), "torch" (the forms
-    below), "triton" or "native" (forced; an error where it cannot run).
+    kernel of :mod:`linmix.ops.native` where it builds and one-shift is exact; the torch forms while
+    tracing, exporting or compiling), "torch" (:func:`linmix.ops.wkv_chunked.bi_wkv_torch`),
+    "triton" or "native" (forced; an error where it cannot run).
 
     Written with prefix / suffix sums only (cumsum, exp, max, where, no loop over time), so it is
     differentiable by autograd and exports to ONNX with a dynamic T.
 
-    Numerics. The forward-direction sum of token t is ``exp(-(t-1) w) * sum_{i<t} exp(k_i + i w) v_i``
-    (the backward one uses ``k_i - i w``). A single shift for the whole sequence is exact only while
-    ``T |w|`` is moderate, so the sequence is cut into chunks of ``chunk_size`` tokens:
-
-    - inside a chunk, prefix / suffix sums of ``exp(k_i +- j w - m_chunk)`` with chunk-local offsets
-      ``j`` and the chunk's own max ``m_chunk``;
-    - across chunks, each chunk's total (a fixed mix of its tokens, whatever the query outside it)
-      is combined with a chunk x chunk matrix of exponents ``m_c' -+ (c - c') chunk_size w``
-      shifted by its row max, exactly like the quadratic oracle at chunk granularity;
-    - the parts of each token (forward, backward, its own bonus term) are added in the log domain.
-
-    Nothing can overflow or turn into NaN for any finite w, u, k. The result is exact to fp32
-    rounding while ``chunk_size * |w|`` stays below about 20 (the in-chunk prefix sums then span
-    less than e^40 of the e^87 fp32 range): with Vision-RWKV's ``w / T`` this holds for any T
-    whenever |w| <= 20, since the in-chunk span is at most ``(T - 1) |w| / T``. For large per-token
-    ``|w|`` pass a smaller ``chunk_size`` (``chunk_size=1`` has no in-chunk sums and holds for any
-    w, at O(T^2) cost). Whatever the chunking, the sum is conditioned like ``T |w| eps`` in w, so
-    fp32 results carry that much error once ``T |w|`` is in the hundreds.
-    Memory is O(B T C + B (T / chunk_size)^2 C). A torch.export / ONNX graph keeps T dynamic
-    (torch.export specialises away T <= chunk_size; the ONNX graph runs every T).
+    Numerics, memory and export: see :func:`linmix.ops.wkv_chunked.bi_wkv_chunked`.
     """
     _check_wkv_inputs(w, u, k, v)
     require_positive_int("chunk_size", chunk_size)
@@ -252,77 +201,10 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
     if form not in BI_WKV_FORMS:
         raise ValueError(f"form must be one of {BI_WKV_FORMS}, got {form!r}")
     out_dtype, dtype = _compute_dtypes(k, v)
-    w, u, k, v = (t.to(dtype) for t in (w, u, k, v))
-    batch, length, channels = k.shape
-    if _use_native(backend, form, w, u, k, v):
-        return native.bi_wkv_native(w, u, k, v).to(out_dtype)
-    if form == "one_shift" or (form == "auto" and not tracing_or_exporting(w, u, k, v) and one_shift_applicable(w, u, length)):
-        return bi_wkv_one_shift(w, u, k, v, block_size=chunk_size).to(out_dtype)
-    size = chunk_size
-
-    # Pad T up to whole chunks with keys that contribute nothing (the last chunk keeps >= 1 real token).
-    pad = (-length) % size
-    k = F.pad(k, (0, 0, 0, pad), value=_NEG_INF)
-    v = F.pad(v, (0, 0, 0, pad))
-    k = k.reshape(batch, -1, size, channels)  # [B, N, L, C]
-    v = v.reshape(batch, -1, size, channels)
-    chunks = k.shape[1]
-
-    offset = torch.arange(size, device=k.device, dtype=dtype)[:, None]  # j, [L, 1]
-    ramp = offset * w  # j w, [L, C]
-
-    def one_direction(sign: float):
-        # sign +1: keys before the query (exponent k_i + j_i w); -1: keys after it (k_i - j_i w).
-        exponent = k + sign * ramp  # [B, N, L, C]
-        chunk_max = exponent.amax(dim=2, keepdim=True).detach()  # [B, N, 1, C], -inf for an empty chunk
-        terms = torch.exp(exponent - _finite_or_zero(chunk_max))
-        weighted = terms * v
-        if sign > 0:
-            inner_num, inner_den = _exclusive_cumsum(weighted, 2), _exclusive_cumsum(terms, 2)
-        else:
-            inner_num, inner_den = _exclusive_reverse_cumsum(weighted, 2), _exclusive_reverse_cumsum(terms, 2)
-        total_num, total_den = weighted.sum(dim=2), terms.sum(dim=2)  # chunk totals [B, N, C], scale chunk_max
-
-        # Chunk c receives chunk c' (c' < c forward, c' > c backward) with exponent
-        # chunk_max[c'] - |c - c'| L w, on top of its per-token factor.
-        index = torch.arange(chunks, device=k.device)
-        gap = index[:, None] - index[None, :]  # c - c', [N, N]
-        receives = gap > 0 if sign > 0 else gap < 0
-        gap_decay = (gap.abs().to(dtype) * size)[..., None] * w  # [N, N, C]
-        cross = chunk_max[:, None, :, 0, :] - gap_decay  # [B, N(c), N(c'), C]
-        cross = torch.where(receives[None, :, :, None], cross, torch.full_like(cross, _NEG_INF))
-        cross_max = cross.amax(dim=2).detach()  # [B, N, C], -inf for a chunk receiving nothing
-        cross_weights = torch.exp(cross - _finite_or_zero(cross_max)[:, :, None, :])
-        outer_num = (cross_weights * total_num[:, None]).sum(dim=2)
-        outer_den = (cross_weights * total_den[:, None]).sum(dim=2)
-
-        # Merge the in-chunk and cross-chunk sums on one shift per chunk.
-        chunk_max = chunk_max[:, :, 0, :]
-        shift = torch.maximum(chunk_max, cross_max)
-        safe_shift = _finite_or_zero(shift)
-        inner_scale = torch.exp(chunk_max - safe_shift)[:, :, None, :]
-        outer_scale = torch.exp(cross_max - safe_shift)[:, :, None, :]
-        numerator = inner_num * inner_scale + outer_num[:, :, None, :] * outer_scale
-        denominator = inner_den * inner_scale + outer_den[:, :, None, :] * outer_scale
-        # Per-token factor: exp(-(j-1) w) forward, exp((j+1) w) backward.
-        log_scale = safe_shift[:, :, None, :] - sign * (offset - sign) * w
-        return numerator, denominator, log_scale
-
-    parts = []
-    for sign in (1.0, -1.0):
-        numerator, denominator, log_scale = one_direction(sign)
-        # Each part as (its mean of v, its log-weight): a tiny sum at a large scale stays exact.
-        parts.append((_safe_divide(numerator, denominator), log_scale + _safe_log(denominator)))
-    parts.append((v, u + k))  # the token's own term
-    top = _finite_or_zero(torch.maximum(torch.maximum(parts[0][1], parts[1][1]), parts[2][1])).detach()
-    numerator = torch.zeros_like(v)
-    denominator = torch.zeros_like(v)
-    for mean, log_weight in parts:
-        weight = torch.exp(log_weight - top)
-        numerator = numerator + weight * mean
-        denominator = denominator + weight
-    y = _safe_divide(numerator, denominator)
-    return y.reshape(batch, -1, channels)[:, :length].to(out_dtype)
+    computed = [t.to(dtype) for t in (w, u, k, v)]
+    if _use_native(backend, form, *computed):
+        return native.bi_wkv_native(*computed).to(out_dtype)
+    return bi_wkv_torch(*computed, chunk_size=chunk_size, form=form).to(out_dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -344,7 +226,7 @@ def causal_wkv_reference(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: t
         diagonal = (rows[:, None] == positions[None, :])[None, :, :, None]
         future = (positions[None, :] > rows[:, None])[None, :, :, None]
         exponent = torch.where(diagonal, (u + k)[:, None, :, :], exponent)
-        exponent = torch.where(future, torch.full_like(exponent, _NEG_INF), exponent)
+        exponent = torch.where(future, torch.full_like(exponent, NEG_INF), exponent)
         outputs.append(_softmax_rows(exponent, v[:, None, :, :]))
     return torch.cat(outputs, dim=1).to(out_dtype)
 
@@ -385,7 +267,7 @@ def causal_wkv(
     out_dtype, dtype = _compute_dtypes(k, v)
     w, u, k, v = (t.to(dtype) for t in (w, u, k, v))
     if mask is not None:
-        k = k.masked_fill(~mask[..., None], _NEG_INF)
+        k = k.masked_fill(~mask[..., None], NEG_INF)
     if state is None:
         state = WKVState.empty(batch, channels, device=k.device, dtype=dtype)
     a, b, p = (t.to(dtype) for t in (state.a, state.b, state.p))
@@ -410,7 +292,7 @@ def causal_wkv(
         query = torch.arange(n, device=k.device)
         below = (query[None, :] < query[:, None])[None, :, :, None]
         diagonal = (query[None, :] == query[:, None])[None, :, :, None]
-        exponent = torch.where(below, exponent, torch.full_like(exponent, _NEG_INF))
+        exponent = torch.where(below, exponent, torch.full_like(exponent, NEG_INF))
         exponent = torch.where(diagonal, (u + k_chunk)[:, None, :, :], exponent)
         state_exponent = p[:, None, :] - time[..., None] * w  # [B, n, C]
         row_max = torch.maximum(exponent.amax(dim=2), state_exponent).detach()  # finite (p >= -1e38)
@@ -418,7 +300,7 @@ def causal_wkv(
         state_weight = torch.exp(state_exponent - row_max)
         numerator = (weights * v_chunk[:, None, :, :]).sum(dim=2) + state_weight * a[:, None, :]
         denominator = weights.sum(dim=2) + state_weight * b[:, None, :]
-        outputs.append(_safe_divide(numerator, denominator))
+        outputs.append(safe_divide(numerator, denominator))
 
         # State seen by the first token after the chunk.
         key_exponent = k_chunk - (steps - 1 - time)[..., None] * w  # [B, n, C]
@@ -468,7 +350,7 @@ def causal_wkv_step(
     bonus = u + k_t
     shift = torch.maximum(p, bonus).detach()
     old_weight, new_weight = torch.exp(p - shift), torch.exp(bonus - shift)
-    y_t = _safe_divide(old_weight * a + new_weight * v_t, old_weight * b + new_weight)
+    y_t = safe_divide(old_weight * a + new_weight * v_t, old_weight * b + new_weight)
 
     decayed = p - w
     new_p = torch.maximum(decayed, k_t).detach()

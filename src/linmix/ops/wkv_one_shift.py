@@ -29,9 +29,10 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from linmix.ops._wkv_numerics import EMPTY_EXPONENT
+
 MAX_SEQUENCE_DECAY = 20.0  # (T - 1) * max|w|: exp(+-20) leaves fp32 ample range for sums of T terms
 MAX_BONUS = 60.0  # max|u|
-_EMPTY = -1e38  # shift of a channel whose keys are all masked (-inf): finite, so k - shift is -inf, not NaN
 
 
 def one_shift_applicable(w: torch.Tensor, u: torch.Tensor, length: int) -> bool:
@@ -87,7 +88,8 @@ def bi_wkv_one_shift(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch
     blocks = padded // size
     dtype, device = k.dtype, k.device
 
-    shift = k.amax(dim=1, keepdim=True).clamp_min(_EMPTY).detach()  # [B, 1, C]
+    # [B, 1, C]; a channel whose keys are all -inf gets a finite shift, so k - shift is -inf, not NaN
+    shift = k.amax(dim=1, keepdim=True).clamp_min(EMPTY_EXPONENT).detach()
     weights = torch.exp(k - shift)
     terms = torch.stack((weights * v, weights))  # (numerator, denominator) terms: [2, B, T, C]
 

@@ -14,34 +14,31 @@ W divisible by 16 (``C1, C2, D`` are the variant's stage-1, stage-2 and token wi
 Token tensors are ``[B, T, C]`` with ``T = height * width`` in row-major order (token ``h * width + w``
 is pixel ``(h, w)``); maps are ``[B, C, H, W]``.
 
-The Vision-RWKV block (spec section 2)::
-
-    x = x + gamma1 * SpatialMix(LN1(x)),   x = x + gamma2 * ChannelMix(LN2(x))
-    SpatialMix: out = W_o(sigmoid(r) * bi_wkv(w / T, u / T, k, v)),  k, v, r = W_{k,v,r} x_{k,v,r}
-    ChannelMix: out = sigmoid(W_r x_r) * W_v(relu(W_k x_k)^2)
-    x_* = mu_* x + (1 - mu_*) q_shift(x)
-
-``w`` (``spatial_decay``) is used as is, without exp, and may be negative.
+The token blocks are layers: the Vision-RWKV block (spec section 2) is
+:class:`linmix.layers.vision_rwkv.VRWKVBlock` (its op :func:`linmix.ops.q_shift.q_shift` and the
+layer classes are re-exported here). :data:`TOKEN_BLOCK_BUILDERS` maps each ``token_mixer`` name to
+the function that builds its block; a new token mixer is one more entry there.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from linmix.ops._checks import require_positive_int, require_shape, tracing_or_exporting
-from linmix.layers.rwkv import rwkv_fancy_init
-from linmix.ops import native
-from linmix.ops.wkv import bi_wkv, native_bi_wkv_applies
+from linmix.layers.vision_common import DropPath, check_grid_tokens
+from linmix.layers.vision_rwkv import VRWKVBlock, VRWKVChannelMix, VRWKVSpatialMix
+from linmix.ops._checks import require_positive_int, require_shape
+from linmix.ops.q_shift import q_shift, shifted_mixes
 from linmix.sam.common import LayerNorm2d, conv2d_gelu  # SAM's channels-first LayerNorm (eps 1e-6), shared with the decoder
 
 __all__ = [
     "BACKBONE_VARIANTS",
+    "TOKEN_BLOCK_BUILDERS",
     "TOKEN_MIXERS",
     "AttentionBlock",
     "BackboneFeatures",
@@ -83,47 +80,10 @@ BACKBONE_VARIANTS: dict[str, BackboneVariant] = {
     "base": BackboneVariant(128, 128, 256, 768),
     "large": BackboneVariant(160, 160, 320, 1024),
 }
-TOKEN_MIXERS = ("rwkv", "attention")
-
-
-def _check_layer_index(layer_id, depth) -> None:
-    require_positive_int("depth", depth)
-    if isinstance(layer_id, bool) or not isinstance(layer_id, int) or not 0 <= layer_id < depth:
-        raise ValueError(f"layer_id must be an integer in [0, depth) = [0, {depth}), got {layer_id!r}")
-
-
-def _check_tokens(x: torch.Tensor, channels: int, height: int, width: int) -> None:
-    require_shape("x", x, f"[B, T, C] with T = height * width and C = {channels}", 3)
-    if x.shape[1] != height * width or x.shape[2] != channels:
-        raise ValueError(
-            f"x must have shape [B, T, C] with T = height * width = {height} * {width} = {height * width} "
-            f"and C = {channels}, got {tuple(x.shape)}"
-        )
 
 
 # --------------------------------------------------------------------------------------------------
 # small building blocks
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: in training, zero the whole residual branch of a sample with probability ``p``
-    (and scale the kept ones by ``1 / (1 - p)``); the identity in evaluation or at ``p = 0``."""
-
-    def __init__(self, p: float = 0.0):
-        super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"drop path probability must be in [0, 1), got {p!r}")
-        self.p = float(p)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-        return x * mask / keep
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
 
 
 def _init_conv(module: nn.Conv2d) -> None:
@@ -210,185 +170,6 @@ class StridedConv(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
-# Vision-RWKV token blocks
-
-
-def q_shift(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Vision-RWKV's quad-directional token shift. ``x [B, T, C] -> [B, T, C]``, T = height * width row-major.
-
-    With ``g = C // 4``: channels ``[0, g)`` of token (h, w) take the left neighbour ``x[h, w-1]``,
-    ``[g, 2g)`` the right one ``x[h, w+1]``, ``[2g, 3g)`` the one above ``x[h-1, w]`` and ``[3g, 4g)``
-    the one below ``x[h+1, w]``; a neighbour outside the grid is 0. Channels ``[4g, C)`` pass through.
-    """
-    require_positive_int("height", height)
-    require_positive_int("width", width)
-    require_shape("x", x, "[B, T, C] with T = height * width", 3)
-    batch, length, channels = x.shape
-    if length != height * width:
-        raise ValueError(f"x must have shape [B, T, C] with T = height * width = {height} * {width} = {height * width}, got {tuple(x.shape)}")
-    g = channels // 4
-    grid = x.reshape(batch, height, width, channels)
-    if tracing_or_exporting(x):
-        # F.pad's widths run from the last dim backwards: (C left, C right, W left, W right, H top, H bottom).
-        left = F.pad(grid[:, :, : width - 1, 0:g], (0, 0, 1, 0))
-        right = F.pad(grid[:, :, 1:, g : 2 * g], (0, 0, 0, 1))
-        above = F.pad(grid[:, : height - 1, :, 2 * g : 3 * g], (0, 0, 0, 0, 1, 0))
-        below = F.pad(grid[:, 1:, :, 3 * g : 4 * g], (0, 0, 0, 0, 0, 1))
-        shifted = torch.cat([left, right, above, below, grid[..., 4 * g :]], dim=-1)
-        return shifted.reshape(batch, length, channels)
-    # Eager: write each quarter once into one buffer and zero only the border rows / columns
-    # (half the memory traffic of pad + cat, which matters on CPU).
-    shifted = torch.empty_like(grid)
-    shifted[:, :, 1:, 0:g] = grid[:, :, :-1, 0:g]
-    shifted[:, :, :1, 0:g] = 0
-    shifted[:, :, :-1, g : 2 * g] = grid[:, :, 1:, g : 2 * g]
-    shifted[:, :, -1:, g : 2 * g] = 0
-    shifted[:, 1:, :, 2 * g : 3 * g] = grid[:, :-1, :, 2 * g : 3 * g]
-    shifted[:, :1, :, 2 * g : 3 * g] = 0
-    shifted[:, :-1, :, 3 * g : 4 * g] = grid[:, 1:, :, 3 * g : 4 * g]
-    shifted[:, -1:, :, 3 * g : 4 * g] = 0
-    shifted[..., 4 * g :] = grid[..., 4 * g :]
-    return shifted.reshape(batch, length, channels)
-
-
-def shifted_mixes(x: torch.Tensor, height: int, width: int, *mixes: torch.Tensor) -> list[torch.Tensor]:
-    """``[torch.lerp(q_shift(x, height, width), x, mu) for mu in mixes]``, i.e. ``mu x + (1 - mu) shifted``.
-
-    In fp32 CPU inference this is one native pass (:func:`linmix.ops.native.q_shift_lerp_native`):
-    x is read once and the shifted map never materialised, instead of a shift plus one lerp per mix.
-    """
-    if native.usable(x, *mixes):
-        return list(native.q_shift_lerp_native(x, height, width, torch.stack(mixes)).unbind(0))
-    shifted = q_shift(x, height, width)
-    return [torch.lerp(shifted, x, mu) for mu in mixes]
-
-
-class VRWKVSpatialMix(nn.Module):
-    """Vision-RWKV spatial mix: ``x [B, T, C], height, width -> [B, T, C]``.
-
-    ``out = output(sigmoid(r) * bi_wkv(spatial_decay / T, spatial_first / T, k, v))`` with
-    ``k, v, r = key(x_k), value(x_v), receptance(x_r)`` (bias-free C -> C) and
-    ``x_* = spatial_mix_* x + (1 - spatial_mix_*) q_shift(x)``.
-
-    Fancy init (:func:`linmix.layers.rwkv.rwkv_fancy_init`; ``r0, r1`` the depth ratios, ``x_c = c / C``):
-    ``spatial_decay[c] = -5 + 8 (c / (C - 1))^(0.7 + 1.3 r0)``,
-    ``spatial_first[c] = ln(0.3) + 0.5 ((c + 1) % 3 - 1)``,
-    ``mix_k = x^r1``, ``mix_v = x^r1 + 0.3 r0``, ``mix_r = x^(0.5 r1)``.
-    """
-
-    def __init__(self, dim: int, layer_id: int = 0, depth: int = 1, *, wkv_chunk_size: int = 64):
-        super().__init__()
-        require_positive_int("dim", dim)
-        _check_layer_index(layer_id, depth)
-        self.dim, self.layer_id, self.depth = dim, layer_id, depth
-        self.wkv_chunk_size = wkv_chunk_size
-        self.spatial_decay = nn.Parameter(torch.empty(dim))
-        self.spatial_first = nn.Parameter(torch.empty(dim))
-        self.spatial_mix_k = nn.Parameter(torch.empty(dim))
-        self.spatial_mix_v = nn.Parameter(torch.empty(dim))
-        self.spatial_mix_r = nn.Parameter(torch.empty(dim))
-        self.key = nn.Linear(dim, dim, bias=False)
-        self.value = nn.Linear(dim, dim, bias=False)
-        self.receptance = nn.Linear(dim, dim, bias=False)
-        self.output = nn.Linear(dim, dim, bias=False)
-        self.reset_mix_parameters()
-
-    @torch.no_grad()
-    def reset_mix_parameters(self) -> None:
-        """The fancy (depth-dependent) init of decay, bonus and shift mixes; the linears keep PyTorch's."""
-        init = rwkv_fancy_init(self.dim, self.layer_id, self.depth)
-        self.spatial_decay.copy_(init["decay"])
-        self.spatial_first.copy_(init["first"])
-        for name in ("mix_k", "mix_v", "mix_r"):
-            getattr(self, "spatial_" + name).copy_(init[name])
-
-    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        _check_tokens(x, self.dim, height, width)
-        x_k, x_v, x_r = shifted_mixes(x, height, width, self.spatial_mix_k, self.spatial_mix_v, self.spatial_mix_r)
-        k, v, r = self.key(x_k), self.value(x_v), self.receptance(x_r)
-        length = x.shape[1]
-        decay, first = self.spatial_decay / length, self.spatial_first / length
-        if native.usable(r) and native_bi_wkv_applies(decay, first, k, v):
-            return self.output(native.bi_wkv_native(decay, first, k, v, gate=r))  # the gate in the same pass
-        wkv = bi_wkv(decay, first, k, v, chunk_size=self.wkv_chunk_size)
-        return self.output(torch.sigmoid(r) * wkv.to(r.dtype))
-
-
-class VRWKVChannelMix(nn.Module):
-    """Vision-RWKV channel mix: ``x [B, T, C], height, width -> [B, T, C]``.
-
-    ``out = sigmoid(receptance(x_r)) * value(relu(key(x_k))^2)`` with key C -> hidden_ratio C,
-    value back to C, receptance C -> C, all bias-free; ``x_* = spatial_mix_* x + (1 - spatial_mix_*) q_shift(x)``.
-    Fancy init: ``spatial_mix_k = spatial_mix_r = (c / C)^r1``.
-    """
-
-    def __init__(self, dim: int, layer_id: int = 0, depth: int = 1, *, hidden_ratio: int = 2):
-        super().__init__()
-        require_positive_int("dim", dim)
-        require_positive_int("hidden_ratio", hidden_ratio)
-        _check_layer_index(layer_id, depth)
-        self.dim, self.layer_id, self.depth = dim, layer_id, depth
-        hidden = hidden_ratio * dim
-        self.spatial_mix_k = nn.Parameter(torch.empty(dim))
-        self.spatial_mix_r = nn.Parameter(torch.empty(dim))
-        self.key = nn.Linear(dim, hidden, bias=False)
-        self.value = nn.Linear(hidden, dim, bias=False)
-        self.receptance = nn.Linear(dim, dim, bias=False)
-        self.reset_mix_parameters()
-
-    @torch.no_grad()
-    def reset_mix_parameters(self) -> None:
-        init = rwkv_fancy_init(self.dim, self.layer_id, self.depth)
-        self.spatial_mix_k.copy_(init["mix_k"])
-        self.spatial_mix_r.copy_(init["mix_k"])  # channel mix: mu_k = mu_r = x^r1
-
-    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        _check_tokens(x, self.dim, height, width)
-        x_k, x_r = shifted_mixes(x, height, width, self.spatial_mix_k, self.spatial_mix_r)
-        hidden, gate = self.key(x_k), self.receptance(x_r)
-        if native.usable(hidden, gate):  # in place, one pass each
-            return native.sigmoid_mul_(self.value(native.relu_square_(hidden)), gate)
-        return torch.sigmoid(gate) * self.value(torch.square(torch.relu(hidden)))
-
-
-class VRWKVBlock(nn.Module):
-    """Pre-norm Vision-RWKV block with layer scale: ``x [B, T, C], height, width -> [B, T, C]``::
-
-        x = x + DropPath(gamma1 * att(ln1(x)))
-        x = x + DropPath(gamma2 * ffn(ln2(x)))
-
-    ``ln1, ln2``: LayerNorm(eps 1e-6); ``gamma1, gamma2`` start at ``layer_scale_init``;
-    ``att``: :class:`VRWKVSpatialMix`, ``ffn``: :class:`VRWKVChannelMix` (hidden = mlp_ratio * dim).
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        layer_id: int,
-        depth: int,
-        mlp_ratio: int = 2,
-        layer_scale_init: float = 1e-2,
-        drop_path: float = 0.0,
-    ):
-        super().__init__()
-        self.dim = dim
-        self.ln1 = nn.LayerNorm(dim, eps=1e-6)
-        self.ln2 = nn.LayerNorm(dim, eps=1e-6)
-        self.att = VRWKVSpatialMix(dim, layer_id, depth)
-        self.ffn = VRWKVChannelMix(dim, layer_id, depth, hidden_ratio=mlp_ratio)
-        self.gamma1 = nn.Parameter(torch.full((dim,), float(layer_scale_init)))
-        self.gamma2 = nn.Parameter(torch.full((dim,), float(layer_scale_init)))
-        self.drop_path = DropPath(drop_path)
-
-    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        if self.drop_path.p == 0.0 or not self.training:  # fused residual update
-            x = torch.addcmul(x, self.gamma1, self.att(self.ln1(x), height, width))
-            return torch.addcmul(x, self.gamma2, self.ffn(self.ln2(x), height, width))
-        x = x + self.drop_path(self.gamma1 * self.att(self.ln1(x), height, width))
-        return x + self.drop_path(self.gamma2 * self.ffn(self.ln2(x), height, width))
-
-
-# --------------------------------------------------------------------------------------------------
 # same-scale transformer baseline
 
 
@@ -452,9 +233,33 @@ class AttentionBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        _check_tokens(x, self.dim, height, width)
+        check_grid_tokens(x, self.dim, height, width)
         x = x + self.drop_path(self.gamma1 * self.attn(self.ln1(x)))
         return x + self.drop_path(self.gamma2 * self.ffn(self.ln2(x)))
+
+
+# --------------------------------------------------------------------------------------------------
+# token mixer name -> block
+
+
+def _rwkv_block(dim: int, layer_id: int, depth: int, *, mlp_ratio: int, layer_scale_init: float, drop_path: float,
+                num_heads: int | None) -> nn.Module:
+    return VRWKVBlock(dim, layer_id, depth, mlp_ratio=mlp_ratio, layer_scale_init=layer_scale_init, drop_path=drop_path)
+
+
+def _attention_block(dim: int, layer_id: int, depth: int, *, mlp_ratio: int, layer_scale_init: float, drop_path: float,
+                     num_heads: int | None) -> nn.Module:
+    return AttentionBlock(dim, num_heads, mlp_ratio=mlp_ratio, layer_scale_init=layer_scale_init, drop_path=drop_path)
+
+
+# Each builder takes (dim, layer_id, depth, *, mlp_ratio, layer_scale_init, drop_path, num_heads) and
+# returns a block whose forward is (x [B, T, C], height, width) -> [B, T, C]; it may ignore the
+# arguments its block has no use for.
+TOKEN_BLOCK_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "rwkv": _rwkv_block,  # Vision-RWKV, the paper's model
+    "attention": _attention_block,  # global self-attention, the same-scale transformer baseline
+}
+TOKEN_MIXERS = tuple(TOKEN_BLOCK_BUILDERS)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -523,17 +328,12 @@ class RwkvSamBackbone(nn.Module):
 
         depth = config.token_depth
         rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
-        if token_mixer == "rwkv":
-            blocks = [
-                VRWKVBlock(config.token_width, i, depth, mlp_ratio=mlp_ratio, layer_scale_init=layer_scale_init, drop_path=rates[i])
-                for i in range(depth)
-            ]
-        else:
-            blocks = [
-                AttentionBlock(config.token_width, num_heads, mlp_ratio=mlp_ratio, layer_scale_init=layer_scale_init, drop_path=rates[i])
-                for i in range(depth)
-            ]
-        self.blocks = nn.ModuleList(blocks)
+        build_block = TOKEN_BLOCK_BUILDERS[token_mixer]
+        self.blocks = nn.ModuleList(
+            build_block(config.token_width, i, depth, mlp_ratio=mlp_ratio, layer_scale_init=layer_scale_init,
+                        drop_path=rates[i], num_heads=num_heads)
+            for i in range(depth)
+        )
         self.final_norm = nn.LayerNorm(config.token_width, eps=1e-6)
 
     @property

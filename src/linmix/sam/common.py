@@ -11,21 +11,25 @@ from linmix.ops._checks import accumulation_dtype, tracing_or_exporting
 
 __all__ = ["LayerNorm2d", "MLPBlock", "conv2d_gelu"]
 
-# oneDNN convolution with a fused eltwise post-op (what torch.compile's CPU backend emits).
+# oneDNN convolution with a fused eltwise post-op (what torch.compile's CPU backend emits). Whether
+# it exists is decided once, at import: torch.backends.mkldnn.is_available() is a call that
+# torch.compile refuses to trace, so asking it per call would break a compiled encoder's graph at
+# every conv.
 _FUSED_CONV = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_pointwise", None)
+_FUSED_CONV_AVAILABLE = _FUSED_CONV is not None and torch.backends.mkldnn.is_available()
 
 
 def _can_fuse(x: torch.Tensor, conv: nn.Conv2d) -> bool:
+    if tracing_or_exporting(x):  # first: a traced graph takes the plain form (the compiler fuses it itself)
+        return False
     return (
-        _FUSED_CONV is not None
-        and torch.backends.mkldnn.is_available()
+        _FUSED_CONV_AVAILABLE
         and x.device.type == "cpu"
         and x.dtype == torch.float32 == conv.weight.dtype
         and x.dim() == 4
         and conv.padding_mode == "zeros"
         and not isinstance(conv.padding, str)
         and not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
-        and not tracing_or_exporting(x)
     )
 
 
@@ -33,7 +37,8 @@ def conv2d_gelu(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """``F.gelu(conv(x))`` (exact erf GELU). In fp32 CPU inference it is one oneDNN convolution with a
     GELU post-op: the activation is applied while the output is still in cache, instead of one more
     pass over a map that is up to 256 x 512 x 512 in the 1024 px encoder. Training, other dtypes and
-    devices, and export take the plain two-op form (same values to fp32 rounding)."""
+    devices, and tracing / export / torch.compile take the plain two-op form (same values to fp32
+    rounding)."""
     if _can_fuse(x, conv):
         return _FUSED_CONV(x, conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation),
                            conv.groups, "gelu", [], "none")

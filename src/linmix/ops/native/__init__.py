@@ -21,7 +21,8 @@ How it is built and loaded, and when it is not used:
 - No compiler or a failed build: :func:`available` is False and the callers take their torch path
   (same values); :func:`unavailable_reason` says why. ``LINMIX_FORCE_REFERENCE=1`` makes the
   callers' ``backend="auto"`` skip these kernels too.
-- Forward only: the callers use it for fp32 CPU tensors when autograd is not recording.
+- Forward only: the callers use it for fp32 CPU tensors when autograd is not recording, and never
+  while tracing, exporting or compiling (a graph cannot call into ctypes: the torch path is traced).
 
 Work is split across ``torch.get_num_threads()`` threads (Bi-WKV by channel slices, the shift by
 token ranges); :mod:`ctypes` releases the GIL during each call, so the slices run in parallel.
@@ -180,6 +181,8 @@ def ineligible(*tensors: torch.Tensor) -> list[str]:
 def usable(*tensors: torch.Tensor) -> bool:
     """Whether a ``backend="auto"`` caller should run the native kernel on these inputs: they qualify
     (:func:`ineligible` is empty), ``LINMIX_FORCE_REFERENCE`` is not set, and the kernels built."""
+    if tracing_or_exporting(*tensors):  # decided before anything else: a graph never calls into ctypes
+        return False
     return not dispatch.reference_forced() and not ineligible(*tensors) and available()
 
 
@@ -295,7 +298,7 @@ def q_shift_lerp_native(x: torch.Tensor, height: int, width: int, mixes: torch.T
     """``torch.lerp(q_shift(x, height, width), x, mixes[i])`` for every row ``i`` of ``mixes``, in one pass.
 
     ``x: [B, T, C]`` fp32 CPU with ``T = height * width``; ``mixes: [n, C]`` -> ``[n, B, T, C]`` (each
-    ``out[i]`` contiguous, ready for a linear layer). See :func:`linmix.sam.backbone.q_shift` for the
+    ``out[i]`` contiguous, ready for a linear layer). See :func:`linmix.ops.q_shift.q_shift` for the
     shift. Forward only.
     """
     library = _library()

@@ -14,8 +14,9 @@ for any w, u, k, and -inf keys (padding) contribute nothing. The sequence is cut
 
 Work is O(T C); memory is fp32 scratch of 3 [B, T, C] plus 12 [B, T / chunk_size, C]. Inputs are
 read in their dtype and computed in fp32. The backward pass recomputes through the O(T) torch form
-(:func:`linmix.ops.wkv.bi_wkv`), so training on CUDA gets the kernel's forward with exact torch
-gradients.
+(:func:`linmix.ops.wkv_chunked.bi_wkv_torch`, called directly, not through the dispatcher
+:func:`linmix.ops.wkv.bi_wkv` that sits above this kernel), so training on CUDA gets the kernel's
+forward with exact torch gradients.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
+from linmix.ops._wkv_numerics import EMPTY_EXPONENT
 from linmix.ops.triton import require_runnable
-
-_EMPTY_EXPONENT = -1e38  # an empty state's shift, as in linmix.ops.wkv
+from linmix.ops.wkv_chunked import bi_wkv_torch
 
 
 @triton.jit
@@ -203,7 +204,7 @@ def bi_wkv_forward_triton(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: 
     before = torch.empty(3, batch, length, channels, device=k.device, dtype=torch.float32)
     block_c = min(32, triton.next_power_of_2(channels))
     channel_blocks = triton.cdiv(channels, block_c)
-    common = dict(EMPTY=_EMPTY_EXPONENT, BLOCK_C=block_c)
+    common = dict(EMPTY=EMPTY_EXPONENT, BLOCK_C=block_c)
     _chunk_summaries_kernel[(batch, channel_blocks, chunks)](
         w, k, v, summary, length, channels, chunk, chunks, k.stride(0), k.stride(1), **common)
     _chunk_states_kernel[(batch, channel_blocks)](w, summary, incoming, length, channels, chunk, chunks, **common)
@@ -222,12 +223,10 @@ class _BiWKVFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        from linmix.ops.wkv import bi_wkv
-
         inputs = [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
         wanted = [t for t in inputs if t.requires_grad]
         with torch.enable_grad():
-            y = bi_wkv(*inputs, chunk_size=ctx.chunk_size, backend="torch")
+            y = bi_wkv_torch(*inputs, chunk_size=ctx.chunk_size)
             grads = iter(torch.autograd.grad(y, wanted, grad_y))
         return (*[next(grads) if t.requires_grad else None for t in inputs], None)
 
