@@ -349,3 +349,16 @@ def test_budget_estimate_adds_up_learning_rates_epochs_batches_and_evaluations()
     assert estimate["wall_seconds"] == pytest.approx(based)  # the slowest model bounds the wall time from below
     measured = time_model(preset.models[0], preset, steps=1)
     assert set(measured["step_seconds"]) == {"L16_N2", "L16_N4"} and measured["eval_seconds"] > 0
+
+
+def test_optimizer_exempts_what_layers_mark_no_weight_decay_such_as_mamba_a_log():
+    from linmix.mqar import MQARModel
+
+    model = MQARModel(MQARModelConfig("mamba", 16, d_state=4), vocab_size=32, max_len=32)
+    optimizer = sweep.build_optimizer(model, 1e-3, 0.1)
+    decay_of = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    mamba = model.mixers[1]
+    assert decay_of[id(mamba.A_log)] == 0.0 and decay_of[id(mamba.D)] == 0.0
+    assert decay_of[id(mamba.in_proj.weight)] == 0.1 and decay_of[id(model.embedding.weight)] == 0.0
+    assert len(decay_of) == len(list(model.parameters()))  # every parameter exactly once
+    assert optimizer.defaults["betas"] == (0.9, 0.98)

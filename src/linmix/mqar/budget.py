@@ -20,8 +20,7 @@ import torch
 from linmix.mqar.data import generate_mqar
 from linmix.mqar.models import MQARModel, masked_recall_loss
 from linmix.mqar.presets import MQARPreset, get_preset
-from linmix.mqar.sweep import evaluate
-from linmix.training import build_adamw
+from linmix.mqar.sweep import build_optimizer, evaluate
 
 __all__ = ["estimate_sweep_seconds", "time_model"]
 
@@ -31,7 +30,7 @@ def time_model(config, preset: MQARPreset, *, steps: int = 4) -> dict:
     evaluation of all test segments: ``{"step_seconds": {segment name: s}, "eval_seconds": s}``."""
     torch.manual_seed(preset.model_seed)
     model = MQARModel(config, preset.vocab_size, preset.max_seq_len)
-    optimizer = build_adamw(model, lr=1e-3, weight_decay=preset.weight_decay)
+    optimizer = build_optimizer(model, 1e-3, preset.weight_decay)
     step_seconds = {}
     for segment in preset.train_segments:
         inputs, labels = generate_mqar(preset.vocab_size, segment.seq_len, segment.num_kv_pairs,

@@ -154,11 +154,11 @@ def _plot_curves(rows: list[dict], curves: dict[str, dict[float, list[dict]]], p
     lines = -(-len(models) // columns)
     figure, axes = plt.subplots(lines, columns, figsize=(3.2 * columns, 2.5 * lines), dpi=90, squeeze=False, sharey=True)
     all_lrs = sorted({lr for row in models for lr in curves[row["model"]]})
-    shades = {lr: plt.cm.viridis(i / max(1, len(all_lrs) - 1)) for i, lr in enumerate(all_lrs)}
+    shades = {lr: plt.cm.plasma(0.8 * i / max(1, len(all_lrs) - 1)) for i, lr in enumerate(all_lrs)}  # no pale yellow
     for axis, row in zip(axes.flat, models):
         for lr, curve in sorted(curves[row["model"]].items()):
             best = lr == float(row["best_lr"])
-            axis.plot([0] + [p["step"] for p in curve], [0.0] + [p["mean_accuracy"] for p in curve], color=shades[lr],
+            axis.plot([p["step"] for p in curve], [p["mean_accuracy"] for p in curve], color=shades[lr],
                       lw=2.2 if best else 1.0, marker="o" if best else None, ms=2.5, label=f"lr {lr:g}" + (" (best)" if best else ""))
         colour = _STYLE.get(row["mixer"], ("black",))[0]
         axis.set_title(row["model"], fontsize=9, color=colour)

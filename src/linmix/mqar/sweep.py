@@ -21,9 +21,9 @@ import torch
 from linmix.mqar.data import generate_epoch_segments, generate_segments, per_example_accuracy
 from linmix.mqar.models import MQARModel, MQARModelConfig, masked_recall_loss, state_size_bytes
 from linmix.mqar.presets import MQARPreset, get_preset
-from linmix.training import build_adamw, warmup_cosine_lambda
+from linmix.training import parameter_groups, warmup_cosine_lambda
 
-__all__ = ["curve_gain", "evaluate", "run_preset", "run_sweep", "train_and_evaluate", "epoch_batches"]
+__all__ = ["build_optimizer", "curve_gain", "evaluate", "run_preset", "run_sweep", "train_and_evaluate", "epoch_batches"]
 
 Dataset = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -61,6 +61,26 @@ def evaluate(model: MQARModel, data: Dataset, batch_size: int) -> list[float]:
     return accuracies
 
 
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW, betas (0.9, 0.98), decay ``weight_decay`` except on norms, biases, embeddings and any
+    parameter a layer marks ``_no_weight_decay`` (Mamba's ``A_log`` and ``D``, as the Mamba reference
+    trains them: decaying A_log pulls every state's decay rate towards one value)."""
+    groups = parameter_groups(model, weight_decay)
+    exempt = [p for group in groups if group["weight_decay"] > 0 for p in group["params"] if getattr(p, "_no_weight_decay", False)]
+    if exempt:
+        exempt_ids = {id(p) for p in exempt}
+        for group in groups:
+            if group["weight_decay"] > 0:
+                group["params"] = [p for p in group["params"] if id(p) not in exempt_ids]
+        no_decay = [g for g in groups if g["weight_decay"] == 0]
+        if no_decay:
+            no_decay[0]["params"] += exempt
+        else:
+            groups.append({"params": exempt, "weight_decay": 0.0})
+        groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98))
+
+
 def train_and_evaluate(
     config: MQARModelConfig,
     preset: MQARPreset,
@@ -95,7 +115,7 @@ def train_and_evaluate(
     if train_data is None and not preset.fresh_train_data:
         train_data = generate_segments(preset.vocab_size, preset.train_segments, preset.train_seed, power_a=preset.power_a)
     test_data = [(inputs.to(device), labels.to(device)) for inputs, labels in test_data]
-    optimizer = build_adamw(model, lr=lr, weight_decay=preset.weight_decay, betas=(0.9, 0.98))
+    optimizer = build_optimizer(model, lr, preset.weight_decay)
     sizes = [len(inputs) for inputs, _ in train_data] if train_data is not None else [s.num_examples for s in preset.train_segments]
     steps_per_epoch = sum(math.ceil(size / preset.train_batch_size) for size in sizes)
     total_steps = steps_per_epoch * preset.epochs
