@@ -92,7 +92,7 @@ def _company(rng):
 
 
 def _date(rng):
-    return f"{rng.randint(1, 28)} {rng.choice(_MONTHS)} {rng.randint(1900, 2099)}"
+    return f"{rng.randint(1, 28)} {rng.choice(_MONTHS)} {rng.randint(1900, 2030)}"
 
 
 def _seven_digits(rng):
@@ -311,14 +311,15 @@ def generate_document(rng: random.Random, *, heldout: bool, target_tokens: int, 
         attribute = rng.choice(attributes[1:])
         return rng.choice(attribute.questions).format(key=record["name"]), record[attribute.key], record_index, attribute.key
 
-    # Records: as many as fit in the target (at least one), a uniform number of them; filler pads the rest.
+    # Records: between a third of what fits in the target and all of it (at least one); filler pads the rest,
+    # so length and number of records are not tied one to one.
     render_state = rng.getstate()
     probe = [new_record() for _ in range(3)]
     per_record = max(1, len(_assemble(title, schema, layout, probe, [], render_state).encode())
                      - len(_assemble(title, schema, layout, probe[:2], [], render_state).encode()))
     question_room = num_questions * 70
     capacity = max(1, (target_tokens - question_room - len(title) - 4) // per_record)
-    num_records = rng.randint(1, capacity)
+    num_records = rng.randint(max(1, capacity // 3), capacity)
     records = probe[:num_records] + [new_record() for _ in range(num_records - len(probe))]
     asked = rng.sample(range(num_records), k=min(num_questions, num_records))
     asked += [rng.randrange(num_records) for _ in range(num_questions - len(asked))]
