@@ -142,7 +142,9 @@ def load_curves(out_dir) -> dict[str, dict[float, list[dict]]]:
 def _plot_curves(rows: list[dict], curves: dict[str, dict[float, list[dict]]], path: Path) -> bool:
     """One panel per model: mean test accuracy against training steps, a line per learning rate
     (the best one thick). Returns False (and writes nothing) when no run has a curve."""
-    models = [row for row in rows if curves.get(row["model"])]
+    order = list(_STYLE)
+    models = sorted((row for row in rows if curves.get(row["model"])),
+                    key=lambda r: (order.index(r["mixer"]) if r["mixer"] in order else len(order), r["state_bytes"], r["model"]))
     if not models:
         return False
     import matplotlib
