@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from linmix.mqar.data import IGNORE_INDEX, MQARSegment, generate_mqar, generate_segments, per_example_accuracy, query_slot_probabilities
+from linmix.mqar.data import (
+    IGNORE_INDEX, MQARSegment, generate_epoch_segments, generate_mqar, generate_segments, per_example_accuracy, query_slot_probabilities,
+)
 
 V, L, N = 128, 64, 8
 
@@ -134,3 +136,23 @@ def test_per_example_accuracy_hand_computed():
     labels = torch.tensor([[-100, 5, -100, 6], [7, -100, -100, -100]])
     predictions = torch.tensor([[1, 5, 2, 9], [7, 0, 0, 0]])
     torch.testing.assert_close(per_example_accuracy(predictions, labels), torch.tensor([0.5, 1.0], dtype=torch.float64))
+
+
+def test_fresh_epoch_data_is_a_pure_function_of_seed_and_epoch_and_new_every_epoch():
+    segments = [MQARSegment(32, 4, 40), MQARSegment(64, 8, 20)]
+    epoch_0 = generate_epoch_segments(V, segments, seed=5, epoch=0)
+    again = generate_epoch_segments(V, segments, seed=5, epoch=0)
+    epoch_1 = generate_epoch_segments(V, segments, seed=5, epoch=1)
+    other_seed = generate_epoch_segments(V, segments, seed=6, epoch=0)
+    fixed = generate_segments(V, segments, seed=5)  # the fixed-data / test-set streams
+    for index, segment in enumerate(segments):
+        inputs, labels = epoch_0[index]
+        assert inputs.shape == (segment.num_examples, segment.seq_len)
+        assert ((labels != IGNORE_INDEX).sum(dim=1) == segment.num_kv_pairs).all()  # the same generator's examples
+        assert torch.equal(inputs, again[index][0]) and torch.equal(labels, again[index][1])
+        for different in (epoch_1, other_seed, fixed):
+            # no example of epoch 0 recurs (as a whole sequence) in another epoch, seed or the fixed stream
+            rows = {tuple(row) for row in inputs.tolist()}
+            assert not rows & {tuple(row) for row in different[index][0].tolist()}
+    with pytest.raises(ValueError, match="epoch must be a non-negative integer"):
+        generate_epoch_segments(V, segments, seed=5, epoch=-1)

@@ -12,7 +12,8 @@ import linmix.mqar.sweep as sweep
 from linmix.cli import main
 from linmix.mqar import MQARModelConfig, MQARPreset, MQARSegment, get_preset, pareto_frontier, run_sweep, write_report
 from linmix.mqar.data import generate_segments
-from linmix.mqar.sweep import epoch_batches, evaluate, train_and_evaluate
+from linmix.mqar.report import load_curves
+from linmix.mqar.sweep import curve_gain, epoch_batches, evaluate, train_and_evaluate
 
 
 def tiny_preset(**overrides) -> MQARPreset:
@@ -172,6 +173,8 @@ def test_report_table_plot_and_pareto_frontier(tmp_path):
     paths = write_report(tmp_path)
     table = (tmp_path / "results.md").read_text()
     assert paths["table"].endswith("results.md") and paths["plot"].endswith("pareto.png")
+    assert paths["curves"].endswith("curves.png") and (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "gain, last 1/4" in table
     assert "| `based_d8_f2` |" in table and "L24_N4" in table
     assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -225,3 +228,137 @@ def linmix_quick(out):
     from linmix.mqar import run_preset
 
     return run_preset("quick", out, progress=False)
+
+
+def _without_times(record: dict) -> dict:
+    return {k: v for k, v in record.items() if "seconds" not in k}
+
+
+def test_fresh_training_data_is_generated_per_epoch_from_seed_and_epoch(monkeypatch):
+    preset = tiny_preset(fresh_train_data=True, epochs=3, early_stop_accuracy=2.0, train_seed=7)
+    calls = []
+    original = sweep.generate_epoch_segments
+
+    def recording(vocab_size, segments, seed, epoch, **kwargs):
+        calls.append((seed, epoch))
+        return original(vocab_size, segments, seed, epoch, **kwargs)
+
+    monkeypatch.setattr(sweep, "generate_epoch_segments", recording)
+    record = train_and_evaluate(preset.models[0], preset, 3e-3)
+    assert calls == [(7, 0), (7, 1), (7, 2)]
+    assert record["steps"] == 3 * (3 + 1) and record["epochs"] == 3
+    # the same run again is identical to the last digit (what makes a resumed sweep identical)
+    assert _without_times(train_and_evaluate(preset.models[0], preset, 3e-3)) == _without_times(record)
+    # fresh data is not the fixed data: the same model trained on repeated examples ends elsewhere
+    fixed = train_and_evaluate(preset.models[0], dataclasses.replace(preset, fresh_train_data=False), 3e-3)
+    assert fixed["final_train_loss"] != record["final_train_loss"]
+    with pytest.raises(ValueError, match="train_data=None"):
+        train_and_evaluate(preset.models[0], preset, 3e-3, generate_segments(32, preset.train_segments, 0))
+
+
+def test_run_records_the_accuracy_curve_one_point_per_epoch():
+    preset = tiny_preset(fresh_train_data=True, epochs=3, early_stop_accuracy=2.0)
+    record = train_and_evaluate(preset.models[0], preset, 1e-2)
+    curve = record["curve"]
+    assert [p["epoch"] for p in curve] == [1, 2, 3]
+    assert [p["step"] for p in curve] == [4, 8, 12]
+    assert [p["examples"] for p in curve] == [32, 64, 96]  # 24 + 8 examples an epoch
+    assert curve[-1]["accuracy"] == record["accuracy"] and curve[-1]["mean_accuracy"] == record["mean_accuracy"]
+    for point in curve:
+        assert point["mean_accuracy"] == pytest.approx(sum(point["accuracy"].values()) / 2)
+        assert point["train_loss"] > 0
+    # the loss falls from the first epoch to the last on this easy task at lr 1e-2
+    assert curve[-1]["train_loss"] < curve[0]["train_loss"]
+
+
+def test_curve_gain_is_the_rise_over_the_last_quarter_of_the_epochs():
+    curve = [{"mean_accuracy": a} for a in (0.1, 0.3, 0.5, 0.6, 0.62, 0.63, 0.63, 0.64)]
+    assert curve_gain(curve) == pytest.approx(0.64 - 0.63)  # 8 epochs: compares with 2 epochs back
+    assert curve_gain(curve[:4]) == pytest.approx(0.6 - 0.5)
+    assert curve_gain(curve[:1]) is None
+
+
+def test_learning_rate_sweep_reports_the_best_rate_with_its_own_curve_and_accuracies(tmp_path, monkeypatch):
+    preset = tiny_preset(learning_rates=[1e-3, 3e-3, 1e-2], models=[MQARModelConfig("based", 8, feature_dim=2)])
+    score = {1e-3: 0.2, 3e-3: 0.7, 1e-2: 0.4}
+
+    def fake_run(config, preset, lr, train_data, test_data, **kwargs):
+        curve = [{"epoch": e, "step": 4 * e, "examples": 32 * e, "train_loss": 1.0, "mean_accuracy": score[lr] * e / 2,
+                  "accuracy": {"L16_N2": score[lr] * e / 2, "L24_N4": score[lr] * e / 2}} for e in (1, 2)]
+        return {"model": config.name, "lr": lr, "accuracy": {"L16_N2": score[lr], "L24_N4": score[lr]},
+                "mean_accuracy": score[lr], "steps": 8, "epochs": 2, "diverged": False, "final_train_loss": 1.0,
+                "train_seconds": 1.0, "parameters": 10, "curve": curve}
+
+    monkeypatch.setattr(sweep, "train_and_evaluate", fake_run)
+    row = run_sweep(preset, tmp_path, progress=False, workers=1)[0]
+    assert row["best_lr"] == 3e-3 and row["mean_accuracy"] == 0.7
+    assert row["accuracy_by_lr"] == {"0.001": 0.2, "0.003": 0.7, "0.01": 0.4}
+    assert row["curve"][-1]["mean_accuracy"] == 0.7 and row["curve_gain_last_quarter"] == pytest.approx(0.35)
+    assert row["steps"] == 8
+    curves = load_curves(tmp_path)
+    assert sorted(curves["based_d8_f2"]) == [1e-3, 3e-3, 1e-2]
+    assert curves["based_d8_f2"][1e-2][0]["mean_accuracy"] == pytest.approx(0.2)
+
+
+def test_a_resumed_fresh_data_sweep_keeps_finished_runs_and_equals_an_uninterrupted_one(tmp_path, monkeypatch):
+    preset = tiny_preset(fresh_train_data=True, epochs=2, learning_rates=[3e-3, 1e-2])
+    uninterrupted = run_sweep(preset, tmp_path / "whole", progress=False, workers=1)
+    calls = []
+    original = sweep.train_and_evaluate
+
+    def counting(config, preset, lr, *args, **kwargs):
+        calls.append((config.name, lr))
+        return original(config, preset, lr, *args, **kwargs)
+
+    monkeypatch.setattr(sweep, "train_and_evaluate", counting)
+    run_sweep(preset, tmp_path / "pieces", models=["based_d8_f2"], progress=False, workers=1)  # stopped here ...
+    finished = (tmp_path / "pieces" / "runs.jsonl").read_text()
+    resumed = run_sweep(preset, tmp_path / "pieces", progress=False, workers=1)  # ... and resumed
+    assert calls == [("based_d8_f2", 3e-3), ("based_d8_f2", 1e-2), ("sliding_window_d8_w2", 3e-3), ("sliding_window_d8_w2", 1e-2)]
+    assert (tmp_path / "pieces" / "runs.jsonl").read_text().startswith(finished)  # finished runs kept as written
+    assert [_without_times(r) for r in resumed] == [_without_times(r) for r in uninterrupted]
+    # switching fresh data off is another protocol: that directory is refused
+    with pytest.raises(ValueError, match="different data or training settings"):
+        run_sweep(dataclasses.replace(preset, fresh_train_data=False), tmp_path / "pieces", progress=False, workers=1)
+
+
+def test_cpu_and_quick_presets_sweep_learning_rates_on_fresh_data():
+    cpu = get_preset("cpu")
+    assert {1e-3, 3e-3, 1e-2} <= set(cpu.learning_rates)
+    assert cpu.fresh_train_data
+    assert {c.mixer for c in cpu.models} >= {"attention", "based", "mamba", "sliding_window"}
+    quick = get_preset("quick")
+    assert quick.fresh_train_data and len(quick.learning_rates) >= 2
+    # quick stays a few minutes: no more steps than before the rework
+    assert quick.epochs * quick.steps_per_epoch * len(quick.learning_rates) <= 2 * 564
+
+
+def test_budget_estimate_adds_up_learning_rates_epochs_batches_and_evaluations():
+    from linmix.mqar.budget import estimate_sweep_seconds, time_model
+
+    preset = tiny_preset(epochs=3, learning_rates=[1e-3, 1e-2])  # 3 + 1 batches an epoch (24 and 8 examples, batch 8)
+    timings = {
+        "based_d8_f2": {"step_seconds": {"L16_N2": 0.5, "L16_N4": 1.0}, "eval_seconds": 2.0},
+        "sliding_window_d8_w2": {"step_seconds": {"L16_N2": 0.1, "L16_N4": 0.1}, "eval_seconds": 0.0},
+    }
+    estimate = estimate_sweep_seconds(preset, timings, workers=2, slowdown=1.5)
+    based = 1.5 * 2 * 3 * (3 * 0.5 + 1 * 1.0 + 2.0)  # slowdown x lrs x epochs x (batches + eval)
+    window = 1.5 * 2 * 3 * (4 * 0.1)
+    assert estimate["per_model_seconds"] == {"based_d8_f2": pytest.approx(based), "sliding_window_d8_w2": pytest.approx(window)}
+    assert estimate["cpu_seconds"] == pytest.approx(based + window)
+    assert estimate["wall_seconds"] == pytest.approx(based)  # the slowest model bounds the wall time from below
+    measured = time_model(preset.models[0], preset, steps=1)
+    assert set(measured["step_seconds"]) == {"L16_N2", "L16_N4"} and measured["eval_seconds"] > 0
+
+
+def test_optimizer_exempts_what_layers_mark_no_weight_decay_such_as_mamba_a_log():
+    from linmix.mqar import MQARModel
+
+    model = MQARModel(MQARModelConfig("mamba", 16, d_state=4), vocab_size=32, max_len=32)
+    optimizer = sweep.build_optimizer(model, 1e-3, 0.1)
+    decay_of = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    mamba = model.mixers[1]
+    assert decay_of[id(mamba.A_log)] == 0.0 and decay_of[id(mamba.D)] == 0.0
+    assert decay_of[id(mamba.in_proj.weight)] == 0.1 and decay_of[id(model.embedding.weight)] == 0.0
+    assert len(decay_of) == len(list(model.parameters()))  # every parameter exactly once
+    assert optimizer.defaults["betas"] == (0.9, 0.98)

@@ -226,3 +226,42 @@ def convert(
         raise FileNotFoundError(f"{source} does not exist (expected an official checkpoint folder)")
     path = save_as_linmix(source, out_dir, dtype=dtypes.get(dtype) if dtype else None)
     print(f"wrote {path}")
+
+
+# ---------------------------------------------------------------------------------- recall corpus
+@lm_app.command("recall-corpus")
+def recall_corpus(
+    out: Path = typer.Option(..., "--out", help="Output folder: train/*.jsonl, eval/recall_heldout*.jsonl, meta.json."),
+    seed: int = typer.Option(0, help="Seed: the same seed writes the same files."),
+    train_tokens: int = typer.Option(2_000_000, help="Training tokens (UTF-8 bytes) in all, mixed-in text included."),
+    eval_docs: int = typer.Option(600, help="Held-out evaluation prompts (one per held-out document)."),
+    min_tokens: int = typer.Option(256, help="Shortest document / prompt, in tokens (bytes)."),
+    max_tokens: int = typer.Option(2000, help="Longest document / prompt (2000 fits `lm eval`'s 2048 window less 48 new tokens)."),
+    mix_text: Optional[Path] = typer.Option(None, help="Plain text to mix in (.txt / .jsonl file or folder), e.g. the Shakespeare train/ split."),
+    mix_ratio: float = typer.Option(0.0, help="Share of --train-tokens taken from --mix-text (0 = none, 0.5 = half)."),
+) -> None:
+    """Write a recall-intensive corpus: semi-structured documents (people, products as prose, key-value
+    lists and tables) with questions answered from earlier in the same document.
+
+    Training documents carry their answers inline; held-out prompts (entities never seen in training)
+    go to eval/recall_heldout.jsonl, and per context-length bucket to eval/recall_heldout_<lo>-<hi>.jsonl,
+    for `linmix lm eval MODEL --recall FILE`.
+
+    Example: linmix lm recall-corpus --out data/recall --seed 0 --train-tokens 2000000 --eval-docs 600
+    """
+    from linmix.lm.recall_corpus import RecallCorpusConfig, write_recall_corpus
+
+    if mix_text is not None and not mix_text.exists():
+        raise FileNotFoundError(f"--mix-text {mix_text} does not exist (expected a .txt / .jsonl file or a folder)")
+    try:
+        config = RecallCorpusConfig(seed=seed, train_tokens=train_tokens, eval_docs=eval_docs, min_tokens=min_tokens,
+                                    max_tokens=max_tokens, mix_text=str(mix_text) if mix_text else None, mix_ratio=mix_ratio)
+    except ValueError as error:
+        raise CliError(str(error)) from error
+    meta = write_recall_corpus(out, config)
+    train, evaluation = meta["train"], meta["eval"]
+    typer.echo(f"train: {train['recall_docs']:,} documents, {train['recall_tokens']:,} tokens"
+               + (f" + {train['mix_passages']:,} mixed-in passages, {train['mix_tokens']:,} tokens" if train["mix_passages"] else "")
+               + f" -> {out / 'train'}")
+    buckets = ", ".join(f"{bucket}: {count}" for bucket, count in evaluation["by_length_bucket"].items())
+    typer.echo(f"eval: {evaluation['records']:,} held-out prompts ({buckets} by context tokens) -> {evaluation['files']['all']}")

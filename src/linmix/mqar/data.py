@@ -23,7 +23,10 @@ import dataclasses
 import numpy as np
 import torch
 
-__all__ = ["IGNORE_INDEX", "MQARSegment", "generate_mqar", "generate_segments", "query_slot_probabilities", "per_example_accuracy"]
+__all__ = [
+    "IGNORE_INDEX", "MQARSegment", "generate_epoch_segments", "generate_mqar", "generate_segments", "query_slot_probabilities",
+    "per_example_accuracy",
+]
 
 IGNORE_INDEX = -100  # label of every position that is not a query
 DEFAULT_POWER_A = 0.01
@@ -123,6 +126,25 @@ def generate_segments(vocab_size: int, segments: list[MQARSegment], seed: int, *
     """One (inputs, labels) pair per segment; segment i is seeded by (seed, i) so segments are independent."""
     return [
         generate_mqar(vocab_size, s.seq_len, s.num_kv_pairs, s.num_examples, seed=int(np.random.SeedSequence([seed, i]).generate_state(1)[0]), power_a=power_a)
+        for i, s in enumerate(segments)
+    ]
+
+
+def generate_epoch_segments(
+    vocab_size: int, segments: list[MQARSegment], seed: int, epoch: int, *, power_a: float = DEFAULT_POWER_A
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Epoch ``epoch``'s own fresh training examples: one (inputs, labels) pair per segment.
+
+    A pure function of (seed, epoch, segment index): a resumed or repeated run sees exactly the same
+    examples, while every epoch sees new ones (no example is shown twice, so nothing can be
+    memorised). The streams are SeedSequence spawn keys ``(epoch, i)`` under ``seed``, disjoint from
+    :func:`generate_segments`' streams ``[seed, i]`` (which the test sets use).
+    """
+    if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+        raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}")
+    return [
+        generate_mqar(vocab_size, s.seq_len, s.num_kv_pairs, s.num_examples,
+                      seed=int(np.random.SeedSequence(seed, spawn_key=(int(epoch), i)).generate_state(1)[0]), power_a=power_a)
         for i, s in enumerate(segments)
     ]
 

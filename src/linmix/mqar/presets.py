@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 from linmix.mqar.data import MQARSegment
 from linmix.mqar.models import MQARModelConfig
@@ -23,6 +24,13 @@ class MQARPreset:
     ``learning_rates`` are tried in order. ``stop_lr_sweep_when_solved``: once one of them reaches
     ``early_stop_accuracy`` (mean test accuracy), the remaining ones are skipped for that model, since
     they could at best tie (the reduced presets use it to save time; ``paper`` runs them all).
+
+    ``fresh_train_data``: every epoch trains on its own newly generated examples
+    (:func:`linmix.mqar.data.generate_epoch_segments`, a pure function of ``(train_seed, epoch)``),
+    so no example is seen twice and a small model cannot memorise the training set; an "epoch" is
+    then ``train_segments``' worth of examples and the unit of the accuracy curve (the test
+    segments are evaluated after each). False: the same ``train_segments`` examples every epoch (the
+    paper's fixed 180k-example training set).
     """
 
     name: str
@@ -41,6 +49,7 @@ class MQARPreset:
     model_seed: int = 0
     stop_lr_sweep_when_solved: bool = False
     power_a: float = 0.01
+    fresh_train_data: bool = False
 
     def __post_init__(self) -> None:
         self.train_segments = [s if isinstance(s, MQARSegment) else MQARSegment.from_dict(s) for s in self.train_segments]
@@ -62,6 +71,10 @@ class MQARPreset:
     @property
     def max_seq_len(self) -> int:
         return max(s.seq_len for s in self.train_segments + self.test_segments)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return sum(math.ceil(s.num_examples / self.train_batch_size) for s in self.train_segments)
 
     @property
     def train_lengths(self) -> set[int]:
@@ -116,15 +129,26 @@ def _paper() -> MQARPreset:
     )
 
 
+# The cpu preset's budget: 3 learning rates x 13 models x 14 epochs of 158 steps, on fresh examples.
+# Estimated with linmix.mqar.budget (single-thread step and evaluation times of every model, added
+# up over learning rates and epochs; early stops only shorten it): 66 CPU-minutes, 33 min of wall
+# time with 2 workers on free cores, 43 min with a 1.3x allowance for a shared machine; the slowest
+# model, Mamba d64 n16, takes a third of the total in one worker.
+CPU_LEARNING_RATES = [1e-3, 3e-3, 1e-2]
+CPU_EPOCHS = 14
+
+
 def _cpu() -> MQARPreset:
-    """The reduced study (see docs/mqar.md): V = 512, lengths up to 256, 5k examples an epoch, 6 epochs."""
+    """The reduced study (see docs/mqar.md): V = 512, lengths up to 256, 5k fresh examples an epoch,
+    14 epochs (2,212 steps), learning rates 1e-3, 3e-3 and 1e-2 for every model, the best reported."""
     models = [MQARModelConfig("attention", 64)]
     models += [MQARModelConfig("based", d, feature_dim=f) for d, f in ((32, 8), (64, 8), (64, 16))]
     models += [MQARModelConfig("based_window", 64, feature_dim=8, window=16)]
     models += [MQARModelConfig("sliding_window", 64, window=w) for w in (8, 32, 128)]
     models += [MQARModelConfig("mamba", 64, d_state=n) for n in (8, 16)]
-    models += [MQARModelConfig("rwkv", d) for d in (64, 128)]
-    models += [MQARModelConfig("rwkv5", 64, num_heads=h) for h in (4, 2)]
+    # One RWKV-4 and one RWKV-5 (d 128 RWKV-4 and 2-head RWKV-5 cost 0.25 s a step between them, a
+    # third of the sweep, for points the others already place): the budget goes to more steps instead.
+    models += [MQARModelConfig("rwkv", 64), MQARModelConfig("rwkv5", 64, num_heads=4)]
     models += [MQARModelConfig("base_conv", 64)]
     return MQARPreset(
         name="cpu",
@@ -132,17 +156,18 @@ def _cpu() -> MQARPreset:
         train_segments=_segments([(64, 4, 2000), (64, 8, 2000), (128, 16, 1000)]),
         test_segments=_segments([(64, 4, 200), (64, 8, 200), (64, 16, 200), (128, 32, 200), (256, 64, 200)]),
         models=models,
-        epochs=6,
-        # One learning rate: on the shared 2-core machine a second one did not fit (docs/mqar.md).
-        learning_rates=[3e-3],
+        epochs=CPU_EPOCHS,
+        learning_rates=list(CPU_LEARNING_RATES),
         train_batch_size=32,
         test_batch_size=50,
         stop_lr_sweep_when_solved=True,
+        fresh_train_data=True,
     )
 
 
 def _quick() -> MQARPreset:
-    """A few minutes on 2 cores: four mixers at d = 64, one learning rate, length 64."""
+    """A few minutes on 2 cores: four mixers at d = 64, length 64, fresh examples every epoch, two
+    learning rates (the second only for models the first did not solve)."""
     models = [
         MQARModelConfig("attention", 64),
         MQARModelConfig("based", 64, feature_dim=16),
@@ -156,10 +181,11 @@ def _quick() -> MQARPreset:
         test_segments=_segments([(64, 4, 200), (64, 8, 200), (64, 16, 200)]),
         models=models,
         epochs=6,
-        learning_rates=[3e-3],
+        learning_rates=[3e-3, 1e-2],
         train_batch_size=32,
         test_batch_size=50,
         stop_lr_sweep_when_solved=True,
+        fresh_train_data=True,
     )
 
 

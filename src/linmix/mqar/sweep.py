@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from linmix.mqar.data import generate_segments, per_example_accuracy
+from linmix.mqar.data import generate_epoch_segments, generate_segments, per_example_accuracy
 from linmix.mqar.models import MQARModel, MQARModelConfig, masked_recall_loss, state_size_bytes
 from linmix.mqar.presets import MQARPreset, get_preset
-from linmix.training import build_adamw, warmup_cosine_lambda
+from linmix.training import parameter_groups, warmup_cosine_lambda
 
-__all__ = ["evaluate", "run_preset", "run_sweep", "train_and_evaluate", "epoch_batches"]
+__all__ = ["build_optimizer", "curve_gain", "evaluate", "run_preset", "run_sweep", "train_and_evaluate", "epoch_batches"]
 
 Dataset = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -61,12 +61,32 @@ def evaluate(model: MQARModel, data: Dataset, batch_size: int) -> list[float]:
     return accuracies
 
 
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW, betas (0.9, 0.98), decay ``weight_decay`` except on norms, biases, embeddings and any
+    parameter a layer marks ``_no_weight_decay`` (Mamba's ``A_log`` and ``D``, as the Mamba reference
+    trains them: decaying A_log pulls every state's decay rate towards one value)."""
+    groups = parameter_groups(model, weight_decay)
+    exempt = [p for group in groups if group["weight_decay"] > 0 for p in group["params"] if getattr(p, "_no_weight_decay", False)]
+    if exempt:
+        exempt_ids = {id(p) for p in exempt}
+        for group in groups:
+            if group["weight_decay"] > 0:
+                group["params"] = [p for p in group["params"] if id(p) not in exempt_ids]
+        no_decay = [g for g in groups if g["weight_decay"] == 0]
+        if no_decay:
+            no_decay[0]["params"] += exempt
+        else:
+            groups.append({"params": exempt, "weight_decay": 0.0})
+        groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98))
+
+
 def train_and_evaluate(
     config: MQARModelConfig,
     preset: MQARPreset,
     lr: float,
-    train_data: Dataset,
-    test_data: Dataset,
+    train_data: Dataset | None = None,
+    test_data: Dataset | None = None,
     *,
     progress=None,
     device: torch.device | str = "cpu",
@@ -75,27 +95,48 @@ def train_and_evaluate(
 
     AdamW (weight decay ``preset.weight_decay``, none on norms/biases/embeddings), cosine schedule
     from ``lr`` to 0 over all epochs, stop as soon as the mean test accuracy reaches
-    ``preset.early_stop_accuracy``. ``progress``: an optional callable(steps_done) for a bar.
-    Returns the run record (accuracies of the last evaluation, steps, epochs, seconds).
+    ``preset.early_stop_accuracy``. ``train_data`` / ``test_data``: None = generated from the
+    preset; with ``preset.fresh_train_data`` the training examples are generated anew for every
+    epoch from ``(preset.train_seed, epoch)`` and ``train_data`` must be None. ``progress``: an
+    optional callable(steps_done) for a bar.
+
+    Returns the run record: accuracies of the last evaluation, steps, epochs, seconds, and
+    ``curve``, one point per finished epoch (step, examples seen, mean training loss over the epoch,
+    test accuracy per segment and their mean): the accuracy curve that shows whether training had
+    flattened out.
     """
+    if preset.fresh_train_data and train_data is not None:
+        raise ValueError("preset.fresh_train_data generates each epoch's examples itself: pass train_data=None")
     torch.manual_seed(preset.model_seed)
     device = torch.device(device)
     model = MQARModel(config, preset.vocab_size, preset.max_seq_len).to(device)
-    train_data = [(inputs.to(device), labels.to(device)) for inputs, labels in train_data]
+    if test_data is None:
+        test_data = generate_segments(preset.vocab_size, preset.test_segments, preset.test_seed, power_a=preset.power_a)
+    if train_data is None and not preset.fresh_train_data:
+        train_data = generate_segments(preset.vocab_size, preset.train_segments, preset.train_seed, power_a=preset.power_a)
     test_data = [(inputs.to(device), labels.to(device)) for inputs, labels in test_data]
-    optimizer = build_adamw(model, lr=lr, weight_decay=preset.weight_decay, betas=(0.9, 0.98))
-    sizes = [len(inputs) for inputs, _ in train_data]
+    optimizer = build_optimizer(model, lr, preset.weight_decay)
+    sizes = [len(inputs) for inputs, _ in train_data] if train_data is not None else [s.num_examples for s in preset.train_segments]
     steps_per_epoch = sum(math.ceil(size / preset.train_batch_size) for size in sizes)
     total_steps = steps_per_epoch * preset.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine_lambda(0, total_steps, min_lr_ratio=0.0))
     started = time.perf_counter()
-    step, epochs_run, diverged = 0, 0, False
+    step, examples_seen, epochs_run, diverged = 0, 0, 0, False
     accuracies = [0.0] * len(test_data)
     last_loss = float("nan")
+    curve = []
+    segment_names = [s.name for s in preset.test_segments]
     model.train()
     for epoch in range(preset.epochs):
+        if preset.fresh_train_data:
+            epoch_data = generate_epoch_segments(preset.vocab_size, preset.train_segments, preset.train_seed, epoch,
+                                                 power_a=preset.power_a)
+        else:
+            epoch_data = train_data
+        epoch_data = [(inputs.to(device), labels.to(device)) for inputs, labels in epoch_data]
+        epoch_loss, epoch_steps = 0.0, 0
         for segment, indices in epoch_batches(sizes, preset.train_batch_size, preset.train_seed, epoch):
-            inputs, labels = train_data[segment]
+            inputs, labels = epoch_data[segment]
             indices = indices.to(device)
             loss, _, _ = masked_recall_loss(model, inputs[indices], labels[indices])
             if not torch.isfinite(loss):
@@ -106,21 +147,28 @@ def train_and_evaluate(
             optimizer.step()
             scheduler.step()
             step += 1
+            examples_seen += len(indices)
             last_loss = float(loss.detach())
+            epoch_loss += last_loss
+            epoch_steps += 1
             if progress is not None:
                 progress(1)
         if diverged:
             break
         epochs_run = epoch + 1
         accuracies = evaluate(model, test_data, preset.test_batch_size)
-        if sum(accuracies) / len(accuracies) >= preset.early_stop_accuracy:
+        mean_accuracy = sum(accuracies) / len(accuracies)
+        curve.append({"epoch": epochs_run, "step": step, "examples": examples_seen,
+                      "train_loss": epoch_loss / max(epoch_steps, 1), "mean_accuracy": mean_accuracy,
+                      "accuracy": dict(zip(segment_names, accuracies))})
+        if mean_accuracy >= preset.early_stop_accuracy:
             break
     if progress is not None:
         progress(total_steps - step)  # skipped steps (early stop) still count as done for the bar
     return {
         "model": config.name,
         "lr": lr,
-        "accuracy": dict(zip([s.name for s in preset.test_segments], accuracies)),
+        "accuracy": dict(zip(segment_names, accuracies)),
         "mean_accuracy": sum(accuracies) / len(accuracies),
         "steps": step,
         "epochs": epochs_run,
@@ -128,7 +176,23 @@ def train_and_evaluate(
         "final_train_loss": last_loss,
         "train_seconds": time.perf_counter() - started,
         "parameters": sum(p.numel() for p in model.parameters()),
+        "curve": curve,
     }
+
+
+def curve_gain(curve: list[dict], fraction: float = 0.25) -> float | None:
+    """How much the mean test accuracy still rose over the last ``fraction`` of the run's epochs.
+
+    The last point minus the point ``fraction`` of the epochs before it (the first point when the run
+    is shorter): near 0 when the curve had flattened, clearly positive when the model was still
+    learning when training stopped. None without at least two points (JSON has no NaN that
+    compares equal to itself, and result rows are compared on resume).
+    """
+    if len(curve) < 2:
+        return None
+    back = max(1, round(fraction * len(curve)))
+    earlier = curve[max(0, len(curve) - 1 - back)]
+    return curve[-1]["mean_accuracy"] - earlier["mean_accuracy"]
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -182,7 +246,10 @@ def _summarize(config: MQARModelConfig, preset: MQARPreset, runs: list[dict]) ->
         "train_seconds": best["train_seconds"],
         "train_seconds_all_lrs": sum(run["train_seconds"] for run in runs),
         "epochs": best["epochs"],
+        "steps": best.get("steps"),
         "parameters": best["parameters"],
+        "curve": best.get("curve", []),
+        "curve_gain_last_quarter": curve_gain(best.get("curve", [])),
     }
 
 
@@ -309,9 +376,11 @@ def _sweep(preset: MQARPreset, out: Path, configs: list[MQARModelConfig], progre
     runs_path, results_path = out / "runs.jsonl", out / "results.jsonl"
     done = {(r["model"], float(r["lr"])): r for r in _read_jsonl(runs_path)}
     summarized = {r["model"]: r for r in _read_jsonl(results_path)}
-    train_data = generate_segments(preset.vocab_size, preset.train_segments, preset.train_seed, power_a=preset.power_a)
+    # Fixed training data is generated once for all runs; fresh data is generated per epoch inside each run.
+    train_data = None if preset.fresh_train_data else generate_segments(
+        preset.vocab_size, preset.train_segments, preset.train_seed, power_a=preset.power_a)
     test_data = generate_segments(preset.vocab_size, preset.test_segments, preset.test_seed, power_a=preset.power_a)
-    steps_per_run = preset.epochs * sum(math.ceil(s.num_examples / preset.train_batch_size) for s in preset.train_segments)
+    steps_per_run = preset.epochs * preset.steps_per_epoch
     pending = [(c, lr) for c in configs for lr in preset.learning_rates if (c.name, float(lr)) not in done]
     bar = tqdm(total=steps_per_run * len(pending), disable=not progress, unit="step", dynamic_ncols=True)
     rows = []
