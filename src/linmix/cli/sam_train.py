@@ -53,38 +53,19 @@ SAM_TRAIN_OPTIONS = {
 }
 
 
-def _option_value(name: str, value):
-    """A command-line value as the recipe field holds it."""
-    if name == "scale_range":
-        return _parse_range(value)
-    if name == "betas":
-        return _parse_pair(value, "--betas", "0.9,0.999")
-    if name == "freeze":
-        return list(value)
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def command_line_overrides(params: dict, table: dict[str, tuple[str, str]]) -> dict[str, dict]:
-    """The recipe values the user passed: options left unset (None, or no repeat of a repeatable
-    option) are absent, so they never replace a recipe file's value."""
-    overrides: dict[str, dict] = {}
-    for name, (section, key) in table.items():
-        value = params.get(name)
-        if value is None or (isinstance(value, (list, tuple)) and not value and name == "freeze"):
-            continue
-        overrides.setdefault(section, {})[key] = _option_value(name, value)
-    return overrides
+def _parse_betas(text: str) -> tuple[float, float]:
+    return _parse_pair(text, "--betas", "0.9,0.999")
 
 
 def sam_recipe_from_params(params: dict):
     """The :class:`linmix.sam.train.SamRecipe` of one `sam train` invocation: the ``--config`` file (or
     the dataclass defaults), then every option given on the command line on top."""
     from linmix.sam.train import SamRecipe
+    from linmix.training.config import option_overrides
 
     config_file = params.get("config")
-    overrides = command_line_overrides(params, SAM_TRAIN_OPTIONS)
+    overrides = option_overrides(params, SAM_TRAIN_OPTIONS,
+                                 convert={"scale_range": _parse_range, "betas": _parse_betas, "freeze": list})
     if config_file is None:
         return SamRecipe.from_dict(overrides, source="command line")
     recipe = SamRecipe.from_file(config_file)

@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from torch import nn
 
 from linmix.sam.model import RwkvSam, build_rwkv_sam, save_rwkv_sam
 from linmix.training.config import Recipe
-from linmix.training.trainer import TrainConfig
+from linmix.training.trainer import TrainConfig, adopt_schedule
 
 __all__ = [
     "FREEZABLE_PARTS",
@@ -471,20 +470,7 @@ def _as_recipe(config: SamRecipe | SamTrainConfig, train_config: TrainConfig | N
         return config
     if not isinstance(config, SamTrainConfig):
         raise TypeError(f"train_sam needs a SamRecipe or a SamTrainConfig, got {type(config).__name__}")
-    if train_config is None:
-        train_config = SamScheduleConfig()
-    elif not isinstance(train_config, SamScheduleConfig):
-        # A plain TrainConfig carries the generic defaults: say where they differ from the SAM recipe's.
-        generic, recipe = TrainConfig(), SamScheduleConfig()
-        differing = [item.name for item in fields(TrainConfig) if item.name != "out_dir"
-                     and getattr(train_config, item.name) == getattr(generic, item.name) != getattr(recipe, item.name)]
-        if differing:
-            warnings.warn(
-                f"train_sam got a plain TrainConfig whose {', '.join(differing)} keep the generic defaults, not the SAM "
-                "recipe's (those of `linmix sam train`); pass a SamRecipe or a SamScheduleConfig to get the recipe's",
-                stacklevel=3,
-            )
-        train_config = SamScheduleConfig(**train_config.to_dict())
+    train_config = adopt_schedule(train_config, SamScheduleConfig, "train_sam")
     return SamRecipe(train=train_config, sam=config)
 
 

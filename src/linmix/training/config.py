@@ -36,7 +36,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-__all__ = ["Recipe", "read_toml", "section_from_mapping", "to_toml"]
+__all__ = ["Recipe", "option_overrides", "read_toml", "section_from_mapping", "to_toml"]
 
 SectionT = TypeVar("SectionT")
 RecipeT = TypeVar("RecipeT", bound="Recipe")
@@ -248,3 +248,27 @@ class Recipe:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(self.to_toml(header))
         return path
+
+
+def option_overrides(
+    params: Mapping[str, Any],
+    table: Mapping[str, tuple[str, str]],
+    convert: Mapping[str, Any] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """The recipe values a command line sets: ``{section: {key: value}}`` for each option of ``table``
+    (parameter name -> (section, key)) that the user gave. Unset options are None (or an empty
+    repeatable option) and are left out, so they never replace a recipe file's value. ``convert``
+    maps a parameter name to a function turning its text into the field's value; paths become str.
+    """
+    convert = convert or {}
+    overrides: dict[str, dict[str, Any]] = {}
+    for name, (section, key) in table.items():
+        value = params.get(name)
+        if value is None or (isinstance(value, (list, tuple)) and not value):
+            continue
+        if name in convert:
+            value = convert[name](value)
+        elif isinstance(value, PathLike):
+            value = str(value)
+        overrides.setdefault(section, {})[key] = value
+    return overrides

@@ -126,9 +126,36 @@ class TrainConfig:
         return cls(**data)
 
     def lr_at(self, step: int) -> float:
+        """The learning rate of optimizer step ``step`` (0-based); the warm-up is capped at ``max_steps``
+        so a short run still reaches the peak."""
         return self.lr * warmup_cosine_multiplier(
-            step, warmup_steps=self.warmup_steps, total_steps=self.max_steps, min_lr_ratio=self.min_lr_ratio
+            step, warmup_steps=min(self.warmup_steps, self.max_steps), total_steps=self.max_steps,
+            min_lr_ratio=self.min_lr_ratio,
         )
+
+
+def adopt_schedule(train_config: "TrainConfig | None", schedule_cls: type, trainer: str):
+    """``train_config`` as the trainer's schedule class (a TrainConfig subclass carrying that trainer's
+    defaults); None gives those defaults. A plain TrainConfig is kept value for value, with a warning
+    naming the fields where it holds the generic default and the trainer's recipe another."""
+    import warnings
+
+    if train_config is None:
+        return schedule_cls()
+    if isinstance(train_config, schedule_cls):
+        return train_config
+    if not isinstance(train_config, TrainConfig):
+        raise TypeError(f"{trainer} needs a TrainConfig as train_config, got {type(train_config).__name__}")
+    generic, recipe = TrainConfig(), schedule_cls()
+    differing = [item.name for item in dataclasses.fields(TrainConfig) if item.name != "out_dir"
+                 and getattr(train_config, item.name) == getattr(generic, item.name) != getattr(recipe, item.name)]
+    if differing:
+        warnings.warn(
+            f"{trainer} got a plain TrainConfig whose {', '.join(differing)} keep the generic defaults, not the "
+            f"recipe's; pass a {schedule_cls.__name__} (or the whole recipe) to get the recipe's defaults",
+            stacklevel=4,  # the caller of train_sam / train_lm (through their recipe helper)
+        )
+    return schedule_cls(**train_config.to_dict())
 
 
 def _flatten(settings: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
