@@ -54,17 +54,22 @@ def read_toml(path: str | PathLike[str]) -> dict[str, Any]:
         raise ValueError(f"{path} is not valid TOML: {error}") from None
 
 
+_SINGULAR = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+_PLURAL = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
+
+
 def _describe(hint: Any) -> str:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe(arg) for arg in args)
     if hint is type(None):
         return "unset (leave the key out)"
-    if origin is tuple:
-        return f"a list of {len(args)} {_describe(args[0])}s" if args else "a list"
-    if origin is list:
-        return f"a list of {_describe(args[0])}s" if args else "a list"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+    if origin in (tuple, list):
+        item = _PLURAL.get(args[0], str(args[0])) if args else "values"
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return f"a list of {len(args)} {item}"
+        return f"a list of {item}"
+    return _SINGULAR.get(hint, str(hint))
 
 
 class _WrongType(Exception):
