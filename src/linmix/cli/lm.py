@@ -79,7 +79,7 @@ def lm_recipe_from_command_line(argv: list[str]):
     ),
 )
 def train(
-    config: Optional[Path] = typer.Option(None, "--config", help="Recipe TOML ([train] and [lm] tables); options given here override its values."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Recipe TOML (\\[train] and \\[lm] tables); options given here override its values."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved recipe as TOML and exit without training."),
     data: Optional[Path] = typer.Option(None, help="Training text: .txt / .jsonl / .parquet file, a folder of them, or a datasets folder (required unless the recipe sets it)."),
     out_dir: Optional[Path] = typer.Option(None, help="Run folder: checkpoints, metrics.jsonl, the final model (resumes if it holds a run); required unless the recipe sets it."),

@@ -96,7 +96,7 @@ def sam_recipe_from_command_line(argv: list[str]):
     ),
 )
 def train_command(
-    config: Optional[Path] = typer.Option(None, "--config", help="Recipe TOML ([train] and [sam] tables); options given here override its values."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Recipe TOML (\\[train] and \\[sam] tables); options given here override its values."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved recipe as TOML and exit without training."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (checkpoints, metrics.jsonl, final.safetensors); required unless the recipe sets out_dir."),
     stage: Optional[str] = typer.Option(None, "--stage", help="distill (stage 1: student encoder regresses the teacher embedding) or finetune (stage 2: masks; the default)."),
