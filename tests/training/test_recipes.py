@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import sys
 import warnings
-from pathlib import Path
 
 import pytest
 from documented_commands import REPO, lm_run_arguments, sam_phase_arguments

@@ -32,12 +32,11 @@ from typing import Any
 
 import torch
 
-from linmix.training.config import Recipe
-from linmix.training.trainer import TrainConfig, adopt_schedule
-
 from linmix.lm.config import BasedConfig, preset
 from linmix.lm.data import PackedBatches, PackedSequences, load_tokens, tokenize_to_file
 from linmix.lm.tokenizers import load_tokenizer
+from linmix.training.config import Recipe
+from linmix.training.trainer import TrainConfig, adopt_schedule
 
 LM_TRAIN_CONFIG = "lm_train_config.json"
 FINAL_MODEL_DIR = "model"
