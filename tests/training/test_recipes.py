@@ -1,6 +1,7 @@
 """Training recipes: TOML files <-> the recipe dataclasses, the command line over a file, one set of
 defaults for Python and the CLI, and the committed recipes under recipes/ against the commands
-documented in docs/sam.md and docs/lm.md (so neither can drift from the other)."""
+documented under docs/ (the shipped SAM model's phases, the docs/lm.md runs), parsed by the CLI's
+own parser, so neither can drift from the other."""
 from __future__ import annotations
 
 import sys
