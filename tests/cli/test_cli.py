@@ -261,3 +261,10 @@ def test_serve_without_weights_is_one_line(capsys, tmp_path):
 def test_a_group_alone_shows_its_help(capsys, argv):
     code, out, err = run(capsys, *argv)
     assert code == 2 and "Usage: linmix" in out and "Commands" in out and err == ""
+
+
+@pytest.mark.parametrize("path", [("sam", "train"), ("lm", "train")])
+def test_train_commands_take_a_recipe_file(capsys, path):
+    code, out, _ = run(capsys, *path, "--help")
+    assert code == 0 and "--config" in out and "--print-config" in out and "[train]" in out
+    assert f"linmix {' '.join(path)} --config recipes/" in " ".join(out.split())

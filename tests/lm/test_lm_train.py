@@ -65,11 +65,22 @@ def test_train_writes_metrics_checkpoints_and_a_loadable_model_with_its_heldout_
     # the final model differs from the checkpoint at step 3 (training moved it)
     early = load_model(out / "checkpoints" / "step-00000003")
     assert not torch.equal(early.lm_head.weight, model.lm_head.weight)
+    # the run folder holds its resolved recipe
+    from linmix.lm.train import LMRecipe
+
+    written = LMRecipe.from_file(out / "recipe.toml")
+    assert (written.lm.seq_len, written.train.max_steps, written.train.lr) == (32, 6, 3e-3)
+    assert written.lm.eval_data == str(corpus / "heldout.txt")
     # a finished run resumed with the same settings has nothing to do; other settings are refused
     assert main(_args(corpus, out, "--max-steps", "6", "--log-every", "2", "--save-every", "3")) == 0
     assert "nothing to do" in capsys.readouterr().out
-    assert main(_args(corpus, out, "--max-steps", "6", "--seq-len", "16")) == 1
-    assert "different settings" in capsys.readouterr().err
+    assert main(_args(corpus, out, "--max-steps", "6", "--seq-len", "16", "--betas", "0.9,0.99")) == 1
+    err = capsys.readouterr().err
+    assert "different settings" in err and "lm.seq_len: 32 -> 16" in err and "train.betas: [0.9, 0.95] -> [0.9, 0.99]" in err
+    # the run folder's recipe (rewritten by the resume above, without held-out data) reruns it, one step longer
+    assert main(["lm", "train", "--config", str(out / "recipe.toml"), "--max-steps", "7", "--log-every", "1"]) == 0
+    assert "resuming from step 6" in capsys.readouterr().out
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r][-1] == 7
 
 
 def test_train_rejects_bad_input_with_one_line(corpus, tmp_path, capsys):

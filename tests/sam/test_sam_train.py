@@ -259,6 +259,25 @@ def test_cli_train_reports_bad_input(tmp_path, capsys):
     assert "cannot freeze" in capsys.readouterr().err
 
 
+def test_cli_run_writes_its_recipe_and_refuses_a_changed_resume(tmp_path, capsys):
+    from linmix.sam.train import SamRecipe
+
+    out = tmp_path / "run"
+    argv = ["sam", "train", "--out", str(out), "--dataset", "procedural:0", "--save-every", "1", *SMALL]
+    assert main([*argv, "--steps", "1"]) == 0
+    written = SamRecipe.from_file(out / "recipe.toml")
+    assert written.train.max_steps == 1 and written.train.betas == (0.9, 0.999) and written.sam.loss_points == 64
+    assert written.sam.position_in_embedding is True  # resolved (from scratch), as sam_config.json records it
+    capsys.readouterr()
+    assert main([*argv, "--steps", "1", "--loss-points", "32", "--lr", "1e-4"]) == 1
+    err = capsys.readouterr().err
+    assert "different settings" in err and "sam.loss_points: 64 -> 32" in err and "train.lr: 0.0008 -> 0.0001" in err
+    # more steps, other log and save intervals: a legitimate resume; the run folder's recipe runs it again
+    assert main(["sam", "train", "--config", str(out / "recipe.toml"), "--steps", "2", "--log-every", "2", "--save-every", "2"]) == 0
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r] == [1, 2]
+    assert SamRecipe.from_file(out / "recipe.toml").train.max_steps == 2
+
+
 # ---------------------------------------------------------------------------------------------
 # stage 1: distillation
 

@@ -10,55 +10,123 @@ import typer
 from linmix.cli.app import CliError, lm_app
 
 
-@lm_app.command("train")
+# Every `lm train` option that sets a recipe value: parameter name -> (recipe section, key).
+# (--max-tokens is not a recipe value: it sets max_steps from the resolved batch and sequence length.)
+LM_TRAIN_OPTIONS = {
+    "out_dir": ("train", "out_dir"), "max_steps": ("train", "max_steps"), "lr": ("train", "lr"),
+    "min_lr_ratio": ("train", "min_lr_ratio"), "warmup_steps": ("train", "warmup_steps"),
+    "weight_decay": ("train", "weight_decay"), "betas": ("train", "betas"), "eps": ("train", "eps"),
+    "grad_clip": ("train", "grad_clip"), "grad_accum": ("train", "grad_accum"), "precision": ("train", "precision"),
+    "compile": ("train", "compile"), "log_every": ("train", "log_every"), "save_every": ("train", "save_every"),
+    "keep_checkpoints": ("train", "keep_checkpoints"), "eval_every": ("train", "eval_every"), "seed": ("train", "seed"),
+    "distributed": ("train", "distributed"), "progress": ("train", "progress"), "resume": ("train", "resume"),
+    "threads": ("train", "threads"),
+    "data": ("lm", "data"), "model": ("lm", "model"), "tokenizer": ("lm", "tokenizer"), "seq_len": ("lm", "seq_len"),
+    "batch_size": ("lm", "batch_size"), "text_field": ("lm", "text_field"), "eval_data": ("lm", "eval_data"),
+    "eval_tokens": ("lm", "eval_tokens"),
+}
+
+
+def _parse_betas(text: str) -> tuple[float, float]:
+    try:
+        first, second = (float(v) for v in text.split(","))
+    except ValueError as error:
+        raise CliError(f"--betas must be two numbers B1,B2 (e.g. 0.9,0.95), got {text!r}") from error
+    return first, second
+
+
+def lm_recipe_from_params(params: dict):
+    """The :class:`linmix.lm.train.LMRecipe` of one `lm train` invocation: the ``--config`` file (or the
+    dataclass defaults), then every option given on the command line on top, then ``--max-tokens``."""
+    from linmix.lm.train import LMRecipe
+    from linmix.training.config import option_overrides
+
+    if params.get("max_steps") is not None and params.get("max_tokens") is not None:
+        raise CliError("give --max-steps or --max-tokens, not both")
+    config_file = params.get("config")
+    overrides = option_overrides(params, LM_TRAIN_OPTIONS, convert={"betas": _parse_betas})
+    if config_file is None:
+        recipe = LMRecipe.from_dict(overrides, source="command line")
+        source = "command line"
+    else:
+        source = f"{config_file} with the command-line options"
+        recipe = LMRecipe.from_file(config_file).with_overrides(overrides, source=source)
+    max_tokens = params.get("max_tokens")
+    if max_tokens is not None:
+        steps = max(1, max_tokens // (recipe.lm.batch_size * recipe.lm.seq_len))
+        recipe = recipe.with_overrides({"train": {"max_steps": steps}}, source=source)
+    return recipe
+
+
+def lm_recipe_from_command_line(argv: list[str]):
+    """The recipe ``linmix lm train ARGV`` would run, parsed by the command's own parser (no training)."""
+    import typer.main
+
+    command = typer.main.get_command(lm_app).commands["train"]
+    with command.make_context("train", list(argv)) as context:
+        return lm_recipe_from_params(dict(context.params))
+
+
+@lm_app.command(
+    "train",
+    epilog=(
+        "Examples:\n\n"
+        "  linmix lm train --data corpus/train --out-dir runs/based --model based-small --max-steps 64\n\n"
+        "  linmix lm train --config recipes/lm_shakespeare/based-small.toml --out-dir runs/again   (the docs/lm.md run)\n\n"
+        "  linmix lm train --config recipe.toml --lr 1e-3 --print-config   (show the resolved recipe, train nothing)\n\n"
+        "Writes OUT_DIR/recipe.toml (the resolved recipe), metrics.jsonl, checkpoints/ (resumed when re-run with "
+        "the same settings) and model/."
+    ),
+)
 def train(
-    data: Path = typer.Option(..., help="Training text: .txt / .jsonl / .parquet file, a folder of them, or a datasets folder."),
-    out_dir: Path = typer.Option(..., help="Run folder: checkpoints, metrics.jsonl, the final model (resumes if it holds a run)."),
-    model: str = typer.Option("based-small", help="Preset name (based-small, transformer-pp-small, ...) or a config.json path."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Recipe TOML (\\[train] and \\[lm] tables); options given here override its values."),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved recipe as TOML and exit without training."),
+    data: Optional[Path] = typer.Option(None, help="Training text: .txt / .jsonl / .parquet file, a folder of them, or a datasets folder (required unless the recipe sets it)."),
+    out_dir: Optional[Path] = typer.Option(None, help="Run folder: checkpoints, metrics.jsonl, the final model (resumes if it holds a run); required unless the recipe sets it."),
+    model: Optional[str] = typer.Option(None, help="Preset name (based-small, the default; transformer-pp-small, ...) or a config.json path."),
     tokenizer: Optional[str] = typer.Option(None, help="tokenizer.json, a folder with vocab.json + merges.txt, or 'byte' (default)."),
-    seq_len: int = typer.Option(512, help="Tokens per packed training sequence."),
-    batch_size: int = typer.Option(16, help="Sequences per optimizer step, over all processes and accumulation micro-steps."),
-    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps (default 1000, or from --max-tokens)."),
+    seq_len: Optional[int] = typer.Option(None, help="Tokens per packed training sequence."),
+    batch_size: Optional[int] = typer.Option(None, help="Sequences per optimizer step, over all processes and accumulation micro-steps."),
+    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps (may grow on resume)."),
     max_tokens: Optional[int] = typer.Option(None, help="Token budget: max_steps = max_tokens / (batch_size x seq_len)."),
-    lr: float = typer.Option(8e-4, help="Peak learning rate (AdamW)."),
-    min_lr_ratio: float = typer.Option(0.1, help="Cosine floor as a fraction of --lr."),
-    warmup_steps: int = typer.Option(100, help="Linear warm-up steps."),
-    weight_decay: float = typer.Option(0.1, help="AdamW decay (never on norms, biases, embeddings)."),
-    grad_clip: float = typer.Option(1.0, help="Gradient-norm clip (0 disables)."),
-    grad_accum: int = typer.Option(1, help="Micro-steps accumulated per optimizer step."),
-    precision: str = typer.Option("auto", help="auto (bf16 autocast where supported) | fp32 | bf16."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
-    log_every: int = typer.Option(10, help="Optimizer steps per log line / metrics record."),
-    save_every: int = typer.Option(100, help="Optimizer steps per checkpoint."),
-    keep_checkpoints: int = typer.Option(2, help="Checkpoints kept on disk."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (AdamW)."),
+    min_lr_ratio: Optional[float] = typer.Option(None, help="Cosine floor as a fraction of --lr."),
+    warmup_steps: Optional[int] = typer.Option(None, help="Linear warm-up steps (capped at the run's steps)."),
+    weight_decay: Optional[float] = typer.Option(None, help="AdamW decay (never on norms, biases, embeddings)."),
+    betas: Optional[str] = typer.Option(None, help="AdamW betas B1,B2."),
+    eps: Optional[float] = typer.Option(None, help="AdamW epsilon."),
+    grad_clip: Optional[float] = typer.Option(None, help="Gradient-norm clip (0 disables)."),
+    grad_accum: Optional[int] = typer.Option(None, help="Micro-steps accumulated per optimizer step."),
+    precision: Optional[str] = typer.Option(None, help="auto (bf16 autocast where supported) | fp32 | bf16."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
+    log_every: Optional[int] = typer.Option(None, help="Optimizer steps per log line / metrics record."),
+    save_every: Optional[int] = typer.Option(None, help="Optimizer steps per checkpoint."),
+    keep_checkpoints: Optional[int] = typer.Option(None, help="Checkpoints kept on disk."),
     eval_data: Optional[Path] = typer.Option(None, help="Held-out text: perplexity every --eval-every steps and at the end."),
-    eval_every: int = typer.Option(0, help="Steps between held-out evaluations (0: only at the end)."),
-    seed: int = typer.Option(0, help="Seed of the initial weights and the data order."),
-    distributed: str = typer.Option("ddp", help="Under torchrun: ddp | fsdp."),
-    text_field: str = typer.Option("text", help="Field / column holding the text in .jsonl / .parquet / datasets."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    eval_every: Optional[int] = typer.Option(None, help="Steps between held-out evaluations (0: only at the end)."),
+    eval_tokens: Optional[int] = typer.Option(None, help="Held-out tokens scored by each in-training evaluation."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the initial weights and the data order."),
+    distributed: Optional[str] = typer.Option(None, help="Under torchrun: ddp | fsdp."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads per process (0: torch's default)."),
+    text_field: Optional[str] = typer.Option(None, help="Field / column holding the text in .jsonl / .parquet / datasets."),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Show a progress bar."),
+    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue from OUT_DIR's latest checkpoint if there is one (the default)."),
 ) -> None:
     """Train a BASED (or baseline) LM on local text; a killed run resumes exactly from its last checkpoint.
 
+    Defaults: the LMRecipe dataclasses of linmix.lm.train (the same from Python); --print-config shows them.
     Multi-process: torchrun --nproc-per-node N -m linmix lm train ... (gloo on CPU, nccl on GPUs).
     """
-    from linmix.lm.train import LMTrainConfig, train_lm
-    from linmix.training import TrainConfig
+    recipe = lm_recipe_from_params(dict(locals()))
+    if print_config:
+        typer.echo(recipe.to_toml(header="linmix lm train recipe"), nl=False)
+        return
+    if not recipe.train.out_dir:
+        raise CliError("name the run folder: --out-dir, or out_dir in the recipe's [train] table")
+    from linmix.lm.train import train_lm
 
-    if max_steps is not None and max_tokens is not None:
-        raise CliError("give --max-steps or --max-tokens, not both")
-    steps = max_steps if max_steps is not None else 1000
-    if max_tokens is not None:
-        steps = max(1, max_tokens // (batch_size * seq_len))
-    lm_config = LMTrainConfig(data=str(data), tokenizer=tokenizer, model=model, seq_len=seq_len, batch_size=batch_size,
-                              text_field=text_field, eval_data=str(eval_data) if eval_data else None)
-    train_config = TrainConfig(out_dir=str(out_dir), max_steps=steps, lr=lr, min_lr_ratio=min_lr_ratio,
-                               warmup_steps=min(warmup_steps, steps), weight_decay=weight_decay, grad_clip=grad_clip,
-                               grad_accum=grad_accum, precision=precision, compile=compile, log_every=log_every,
-                               save_every=save_every, eval_every=eval_every, keep_checkpoints=keep_checkpoints,
-                               seed=seed, distributed=distributed, progress=progress)
     try:
-        train_lm(lm_config, train_config)
+        train_lm(recipe)
     finally:
         from linmix.training import cleanup_distributed
 

@@ -18,14 +18,67 @@ DATASET_HELP = (
 )
 
 
-def _parse_range(text: str) -> tuple[float, float]:
+def _parse_pair(text: str, option: str, example: str) -> tuple[float, float]:
     try:
         low, high = (float(v) for v in text.split(","))
     except ValueError as error:
-        raise CliError(f"--scale-range must be LOW,HIGH (e.g. 0.5,2.0), got {text!r}") from error
+        raise CliError(f"{option} must be two numbers A,B (e.g. {example}), got {text!r}") from error
+    return low, high
+
+
+def _parse_range(text: str) -> tuple[float, float]:
+    low, high = _parse_pair(text, "--scale-range", "0.5,2.0")
     if not 0 < low <= high:
         raise CliError(f"--scale-range needs 0 < LOW <= HIGH, got {text!r}")
     return low, high
+
+
+# Every `sam train` option that sets a recipe value: parameter name -> (recipe section, key).
+SAM_TRAIN_OPTIONS = {
+    "out": ("train", "out_dir"), "steps": ("train", "max_steps"), "lr": ("train", "lr"),
+    "min_lr_ratio": ("train", "min_lr_ratio"), "warmup_steps": ("train", "warmup_steps"),
+    "weight_decay": ("train", "weight_decay"), "betas": ("train", "betas"), "eps": ("train", "eps"),
+    "grad_clip": ("train", "grad_clip"), "grad_accum": ("train", "grad_accum"), "precision": ("train", "precision"),
+    "compile": ("train", "compile"), "save_every": ("train", "save_every"), "log_every": ("train", "log_every"),
+    "keep_checkpoints": ("train", "keep_checkpoints"), "seed": ("train", "seed"), "threads": ("train", "threads"),
+    "distributed": ("train", "distributed"), "progress": ("train", "progress"), "resume": ("train", "resume"),
+    "stage": ("sam", "stage"), "dataset": ("sam", "dataset"), "variant": ("sam", "variant"),
+    "token_mixer": ("sam", "token_mixer"), "image_size": ("sam", "image_size"), "batch_size": ("sam", "batch_size"),
+    "prompts_per_image": ("sam", "prompts_per_image"), "scale_range": ("sam", "scale_range"),
+    "box_noise": ("sam", "box_noise"), "box_noise_cap": ("sam", "box_noise_cap"), "loss_points": ("sam", "loss_points"),
+    "iou_loss_weight": ("sam", "iou_loss_weight"), "freeze": ("sam", "freeze"),
+    "init_checkpoint": ("sam", "init_checkpoint"), "sam_checkpoint": ("sam", "sam_checkpoint"),
+    "teacher_checkpoint": ("sam", "teacher_checkpoint"), "teacher_features": ("sam", "teacher_features"),
+    "position_in_embedding": ("sam", "position_in_embedding"), "prompt_warmup_steps": ("sam", "prompt_warmup_steps"),
+}
+
+
+def _parse_betas(text: str) -> tuple[float, float]:
+    return _parse_pair(text, "--betas", "0.9,0.999")
+
+
+def sam_recipe_from_params(params: dict):
+    """The :class:`linmix.sam.train.SamRecipe` of one `sam train` invocation: the ``--config`` file (or
+    the dataclass defaults), then every option given on the command line on top."""
+    from linmix.sam.train import SamRecipe
+    from linmix.training.config import option_overrides
+
+    config_file = params.get("config")
+    overrides = option_overrides(params, SAM_TRAIN_OPTIONS,
+                                 convert={"scale_range": _parse_range, "betas": _parse_betas, "freeze": list})
+    if config_file is None:
+        return SamRecipe.from_dict(overrides, source="command line")
+    recipe = SamRecipe.from_file(config_file)
+    return recipe.with_overrides(overrides, source=f"{config_file} with the command-line options")
+
+
+def sam_recipe_from_command_line(argv: list[str]):
+    """The recipe ``linmix sam train ARGV`` would run, parsed by the command's own parser (no training)."""
+    import typer.main
+
+    command = typer.main.get_command(sam_app).commands["train"]
+    with command.make_context("train", list(argv)) as context:
+        return sam_recipe_from_params(dict(context.params))
 
 
 @sam_app.command(
@@ -33,35 +86,44 @@ def _parse_range(text: str) -> tuple[float, float]:
     epilog=(
         "Examples:\n\n"
         "  linmix sam train --out runs/sam-tiny --dataset procedural:0 --variant tiny --image-size 256 --steps 320\n\n"
+        "  linmix sam train --config recipes/rwkv_sam_tiny/phase10.toml --out runs/again   (the shipped model's last phase)\n\n"
+        "  linmix sam train --config recipe.toml --lr 1e-4 --print-config   (show the resolved recipe, train nothing)\n\n"
         "  linmix sam dump-teacher sam_vit_h_4b8939.pth --dataset sa1b:data/sa1b --out teacher/ ; "
         "linmix sam train --stage distill --teacher-features teacher/ --out runs/distill\n\n"
         "  torchrun --nproc_per_node 2 -m linmix.cli sam train ...   (DDP; gloo on CPU)\n\n"
-        "Writes OUT/metrics.jsonl, OUT/checkpoints/ (resumed automatically when re-run) and OUT/final.safetensors."
+        "Writes OUT/recipe.toml (the resolved recipe), OUT/metrics.jsonl, OUT/checkpoints/ (resumed automatically "
+        "when re-run with the same settings) and OUT/final.safetensors."
     ),
 )
 def train_command(
-    out: Path = typer.Option(..., "--out", help="Output folder (checkpoints, metrics.jsonl, final.safetensors)."),
-    stage: str = typer.Option("finetune", "--stage", help="distill (stage 1: student encoder regresses the teacher embedding) or finetune (stage 2: masks)."),
-    dataset: str = typer.Option("procedural:0", "--dataset", help=DATASET_HELP),
-    variant: str = typer.Option("tiny", "--variant", help="Backbone variant: tiny, small, base, large."),
-    token_mixer: str = typer.Option("rwkv", "--token-mixer", help="rwkv, or attention (the same-scale transformer baseline)."),
-    image_size: int = typer.Option(256, "--image-size", help="Model input side (multiple of 16; SAM uses 1024)."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Images per step and process."),
-    prompts_per_image: int = typer.Option(2, "--prompts-per-image", help="Objects prompted per image (stage 2)."),
-    steps: int = typer.Option(1000, "--steps", help="Optimizer steps."),
-    lr: float = typer.Option(8e-4, "--lr", help="Peak AdamW learning rate."),
-    min_lr_ratio: float = typer.Option(0.05, "--min-lr-ratio", help="Cosine floor as a fraction of --lr."),
-    warmup_steps: int = typer.Option(20, "--warmup-steps"),
-    weight_decay: float = typer.Option(0.05, "--weight-decay"),
-    grad_clip: float = typer.Option(1.0, "--grad-clip", help="Gradient-norm clip (0: off)."),
-    grad_accum: int = typer.Option(1, "--grad-accum"),
-    precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on CUDA when supported), fp32 or bf16."),
-    scale_range: str = typer.Option("0.5,2.0", "--scale-range", help="Large-scale jitter range LOW,HIGH."),
-    box_noise: float = typer.Option(0.1, "--box-noise", help="Box prompts: each edge moves by N(0, this x the box side)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Recipe TOML (\\[train] and \\[sam] tables); options given here override its values."),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved recipe as TOML and exit without training."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (checkpoints, metrics.jsonl, final.safetensors); required unless the recipe sets out_dir."),
+    stage: Optional[str] = typer.Option(None, "--stage", help="distill (stage 1: student encoder regresses the teacher embedding) or finetune (stage 2: masks; the default)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help=DATASET_HELP),
+    variant: Optional[str] = typer.Option(None, "--variant", help="Backbone variant: tiny, small, base, large."),
+    token_mixer: Optional[str] = typer.Option(None, "--token-mixer", help="rwkv, or attention (the same-scale transformer baseline)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Model input side (multiple of 16; SAM uses 1024)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per step and process."),
+    prompts_per_image: Optional[int] = typer.Option(None, "--prompts-per-image", help="Objects prompted per image (stage 2)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (may grow on resume)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak AdamW learning rate."),
+    min_lr_ratio: Optional[float] = typer.Option(None, "--min-lr-ratio", help="Cosine floor as a fraction of --lr."),
+    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps"),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay"),
+    betas: Optional[str] = typer.Option(None, "--betas", help="AdamW betas B1,B2."),
+    eps: Optional[float] = typer.Option(None, "--eps", help="AdamW epsilon."),
+    grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="Gradient-norm clip (0: off)."),
+    grad_accum: Optional[int] = typer.Option(None, "--grad-accum"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="auto (bf16 autocast on CUDA when supported), fp32 or bf16."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
+    scale_range: Optional[str] = typer.Option(None, "--scale-range", help="Large-scale jitter range LOW,HIGH."),
+    box_noise: Optional[float] = typer.Option(None, "--box-noise", help="Box prompts: each edge moves by N(0, this x the box side)."),
     box_noise_cap: Optional[float] = typer.Option(
         None, "--box-noise-cap",
         help="Box prompts: largest edge move in frame pixels (default: SAM's 20 px at 1024, scaled to --image-size)."),
-    loss_points: int = typer.Option(12544, "--loss-points", help="Uncertainty-sampled points per mask for dice + BCE."),
+    loss_points: Optional[int] = typer.Option(None, "--loss-points", help="Uncertainty-sampled points per mask for dice + BCE."),
+    iou_loss_weight: Optional[float] = typer.Option(None, "--iou-loss-weight", help="Weight of the IoU-head MSE loss."),
     freeze: Optional[list[str]] = typer.Option(None, "--freeze", help="Keep fixed (repeatable): backbone, neck, image_encoder, prompt_encoder, mask_decoder, hq_fusion."),
     init_checkpoint: Optional[Path] = typer.Option(None, "--init", help="Start from this linmix safetensors (e.g. the stage-1 result)."),
     sam_checkpoint: Optional[Path] = typer.Option(None, "--sam-checkpoint", help="Official SAM .pth to initialise the prompt encoder and mask decoder."),
@@ -72,43 +134,35 @@ def train_command(
         help="Add the prompt encoder's positional encoding to the image embedding (default: the --init "
              "checkpoint's setting, else on for fine-tuning from scratch, off for --stage distill or with "
              "--sam-checkpoint; a model trained from scratch needs it to place masks at the prompt)."),
-    prompt_warmup_steps: int = typer.Option(
-        0, "--prompt-warmup-steps",
+    prompt_warmup_steps: Optional[int] = typer.Option(
+        None, "--prompt-warmup-steps",
         help="Stage 2: for the first N steps every prompt is a box and its target is the filled box, so the "
              "decoder learns to follow the prompt before it learns object masks (see docs/sam.md)."),
-    save_every: int = typer.Option(50, "--save-every"),
-    log_every: int = typer.Option(10, "--log-every"),
-    keep_checkpoints: int = typer.Option(2, "--keep-checkpoints"),
-    seed: int = typer.Option(0, "--seed"),
-    threads: int = typer.Option(0, "--threads", help="torch CPU threads per process (0: torch's default)."),
-    distributed: str = typer.Option("ddp", "--distributed", help="ddp or fsdp (under torchrun)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
-    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from OUT's latest checkpoint if there is one."),
+    save_every: Optional[int] = typer.Option(None, "--save-every"),
+    log_every: Optional[int] = typer.Option(None, "--log-every"),
+    keep_checkpoints: Optional[int] = typer.Option(None, "--keep-checkpoints"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads per process (0: torch's default)."),
+    distributed: Optional[str] = typer.Option(None, "--distributed", help="ddp or fsdp (under torchrun)."),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress"),
+    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue from OUT's latest checkpoint if there is one (the default)."),
 ) -> None:
-    """Train RWKV-SAM (stage 1 distillation or stage 2 fine-tuning) on the shared linmix Trainer."""
-    import json
+    """Train RWKV-SAM (stage 1 distillation or stage 2 fine-tuning) on the shared linmix Trainer.
 
-    from linmix.sam.train import SamTrainConfig, train_sam
-    from linmix.training import TrainConfig
+    Defaults: the SamRecipe dataclasses of linmix.sam.train (the same from Python); --print-config shows them.
+    """
+    recipe = sam_recipe_from_params(dict(locals()))
+    if print_config:
+        typer.echo(recipe.to_toml(header="linmix sam train recipe"), nl=False)
+        return
+    if not recipe.train.out_dir:
+        raise CliError("name the output folder: --out, or out_dir in the recipe's [train] table")
+    from linmix.sam.train import train_sam
 
-    config = SamTrainConfig(
-        stage=stage, variant=variant, token_mixer=token_mixer, image_size=image_size, dataset=dataset,
-        batch_size=batch_size, prompts_per_image=prompts_per_image, scale_range=_parse_range(scale_range),
-        box_noise=box_noise, box_noise_cap=box_noise_cap, loss_points=loss_points, freeze=list(freeze or []),
-        init_checkpoint=str(init_checkpoint) if init_checkpoint else None,
-        sam_checkpoint=str(sam_checkpoint) if sam_checkpoint else None,
-        teacher_checkpoint=str(teacher_checkpoint) if teacher_checkpoint else None,
-        teacher_features=str(teacher_features) if teacher_features else None,
-        position_in_embedding=position_in_embedding, prompt_warmup_steps=prompt_warmup_steps, threads=threads,
-    )
-    train_config = TrainConfig(
-        out_dir=str(out), max_steps=steps, lr=lr, min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps,
-        weight_decay=weight_decay, grad_clip=grad_clip, grad_accum=grad_accum, precision=precision,
-        log_every=log_every, save_every=save_every, keep_checkpoints=keep_checkpoints, seed=seed,
-        distributed=distributed, progress=progress, resume=resume, betas=(0.9, 0.999),
-    )
-    summary = train_sam(config, train_config)
+    summary = train_sam(recipe)
     if "final" in summary:
+        import json
+
         typer.echo(json.dumps({k: summary[k] for k in ("step", "resumed_from", "wall_s", "final")}))
 
 

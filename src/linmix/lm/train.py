@@ -7,8 +7,12 @@ norms / biases / embeddings, warmup + cosine, clipping, accumulation, bf16 autoc
 atomic checkpoints with exact resume, torchrun DDP / FSDP, JSONL metrics) is
 :class:`linmix.training.Trainer`.
 
+The recipe is an :class:`LMRecipe`: ``[train]`` (the shared schedule, :class:`LMScheduleConfig`) and
+``[lm]`` (:class:`LMTrainConfig`), loadable from TOML (``linmix lm train --config recipe.toml``).
+
 Output folder::
 
+    out_dir/recipe.toml               the resolved recipe of the run
     out_dir/lm_train_config.json      this file's LMTrainConfig (data, tokenizer, model, batch)
     out_dir/train_config.json         the Trainer's TrainConfig
     out_dir/metrics.jsonl             one record per log interval (loss, lr, tokens_per_s, grad_norm)
@@ -31,9 +35,24 @@ import torch
 from linmix.lm.config import BasedConfig, preset
 from linmix.lm.data import PackedBatches, PackedSequences, load_tokens, tokenize_to_file
 from linmix.lm.tokenizers import load_tokenizer
+from linmix.training.config import Recipe
+from linmix.training.trainer import TrainConfig, adopt_schedule
 
 LM_TRAIN_CONFIG = "lm_train_config.json"
 FINAL_MODEL_DIR = "model"
+# Settings a resumed run may change besides the shared ones (linmix.training.RESUMABLE_TRAIN_KEYS):
+# the held-out evaluation does not touch training.
+LM_RESUMABLE_KEYS = ("lm.eval_data", "lm.eval_tokens")
+
+
+@dataclass
+class LMScheduleConfig(TrainConfig):
+    """The shared schedule and optimiser section (:class:`linmix.training.TrainConfig`) with the LM
+    recipe's defaults (peak lr 8e-4; betas (0.9, 0.95), decay 0.1, 100 warm-up steps, cosine to 10 %).
+    ``out_dir`` has no default: every run names its folder."""
+
+    out_dir: str = ""
+    lr: float = 8e-4
 
 
 @dataclass
@@ -57,6 +76,15 @@ class LMTrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass
+class LMRecipe(Recipe):
+    """The whole ``linmix lm train`` recipe: ``[train]`` (schedule, optimiser, run folder) and ``[lm]``
+    (data, tokenizer, model, batch). ``[lm] data`` has no default."""
+
+    train: LMScheduleConfig
+    lm: LMTrainConfig
 
 
 def build_model_config(model: str, vocab_size: int) -> BasedConfig:
@@ -91,29 +119,41 @@ def _tokens_for(path: str, tokenizer, out_path: Path, text_field: str):
     return load_tokens(out_path), meta
 
 
-def _check_resumable(out_dir: Path, config: LMTrainConfig) -> None:
-    """A resumed run must train the same model on the same data: refuse a silent mix."""
-    saved = out_dir / LM_TRAIN_CONFIG
-    if saved.is_file() and (out_dir / "checkpoints").is_dir():
-        previous = json.loads(saved.read_text())
-        changed = {k: (previous.get(k), v) for k, v in config.to_dict().items()
-                   if k not in ("eval_data", "eval_tokens") and previous.get(k) != v}
-        if changed:
-            raise ValueError(f"{out_dir} holds a run with different settings {changed} (old, new); "
-                             "use a new --out-dir or the original settings to resume")
+def _as_recipe(config: LMRecipe | LMTrainConfig, train_config: TrainConfig | None) -> LMRecipe:
+    if isinstance(config, LMRecipe):
+        if train_config is not None:
+            raise TypeError("train_lm(recipe) takes no train_config: the recipe's [train] section is that")
+        return config
+    if not isinstance(config, LMTrainConfig):
+        raise TypeError(f"train_lm needs an LMRecipe or an LMTrainConfig, got {type(config).__name__}")
+    return LMRecipe(train=adopt_schedule(train_config, LMScheduleConfig, "train_lm"), lm=config)
 
 
-def train_lm(config: LMTrainConfig, train_config) -> dict[str, Any]:
-    """Train (or resume) and return the Trainer's summary plus the final held-out evaluation."""
+def train_lm(config: LMRecipe | LMTrainConfig, train_config: TrainConfig | None = None) -> dict[str, Any]:
+    """Train (or resume) and return the Trainer's summary plus the final held-out evaluation.
+
+    ``config`` is an :class:`LMRecipe` (what ``linmix lm train`` runs), or, as before, an
+    :class:`LMTrainConfig` with the schedule as ``train_config`` (default: :class:`LMScheduleConfig`).
+    A folder holding checkpoints is resumed, and refused if a setting differs, except the shared
+    ones of :data:`linmix.training.RESUMABLE_TRAIN_KEYS` and :data:`LM_RESUMABLE_KEYS`.
+    """
     import os
 
     from linmix.lm.evaluate import evaluate_perplexity, load_model
     from linmix.lm.model import BasedForCausalLM
-    from linmix.training import Trainer
+    from linmix.training import Trainer, check_resume_settings
 
+    recipe = _as_recipe(config, train_config)
+    config, train_config = recipe.lm, recipe.train
+    if not train_config.out_dir:
+        raise ValueError("out_dir is empty: name the run folder ([train] out_dir, or --out-dir)")
+    if train_config.threads:
+        torch.set_num_threads(train_config.threads)
     out_dir = Path(train_config.out_dir)
     is_main = int(os.environ.get("RANK", "0")) == 0
-    _check_resumable(out_dir, config)
+    trainer_settings = {"lm": config.to_dict()}
+    if train_config.resume:  # before the data of another run is tokenized over this one's
+        check_resume_settings(out_dir, {"train": train_config.to_dict(), **trainer_settings}, resumable=LM_RESUMABLE_KEYS)
     tokenizer = load_tokenizer(config.tokenizer)
     tokens, meta = _tokens_for(config.data, tokenizer, out_dir / "data" / "train.bin", config.text_field)
     sequences = PackedSequences(tokens, config.seq_len)
@@ -131,6 +171,7 @@ def train_lm(config: LMTrainConfig, train_config) -> dict[str, Any]:
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / LM_TRAIN_CONFIG).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        recipe.save(out_dir / "recipe.toml", header="linmix lm train: the resolved recipe of this run")
         print(f"data: {meta['n_tokens']:,} tokens in {meta['n_documents']} documents -> {len(sequences):,} sequences "
               f"of {config.seq_len}; model: {model.num_parameters():,} parameters "
               f"({config.model}, vocab {model_config.vocab_size}); {train_config.max_steps} steps x "
@@ -146,7 +187,8 @@ def train_lm(config: LMTrainConfig, train_config) -> dict[str, Any]:
             result = evaluate_perplexity(eval_model, eval_tokens, seq_len=config.seq_len, max_tokens=config.eval_tokens)
             return {"loss": result.loss, "perplexity": result.perplexity}
 
-    trainer = Trainer(model, train_config, loss_fn=lm_loss, batches=batches, eval_fn=eval_fn, save_extra=save_extra)
+    trainer = Trainer(model, train_config, loss_fn=lm_loss, batches=batches, eval_fn=eval_fn, save_extra=save_extra,
+                      settings=trainer_settings, resumable=LM_RESUMABLE_KEYS)
     summary = trainer.fit()
     if world_size > 1 and train_config.distributed == "ddp":
         # every rank must end with the same weights; printed so a launcher (and the tests) can check

@@ -30,10 +30,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from linmix.sam.model import RwkvSam, build_rwkv_sam, save_rwkv_sam
+from linmix.training.config import Recipe
+from linmix.training.trainer import TrainConfig, adopt_schedule
 
 __all__ = [
     "FREEZABLE_PARTS",
     "PromptWarmup",
+    "SamRecipe",
+    "SamScheduleConfig",
     "SamTrainConfig",
     "SamTrainingModule",
     "box_rectangles",
@@ -249,8 +253,23 @@ def _loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]):
 
 
 @dataclass
+class SamScheduleConfig(TrainConfig):
+    """The shared schedule and optimiser section (:class:`linmix.training.TrainConfig`) with the SAM
+    recipe's defaults: AdamW betas (0.9, 0.999) and weight decay 0.05 as SAM, a short warm-up, cosine to
+    5 % of the peak. ``out_dir`` has no default: every run names its folder."""
+
+    out_dir: str = ""
+    lr: float = 8e-4
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 20
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    save_every: int = 50
+
+
+@dataclass
 class SamTrainConfig:
-    """Everything ``linmix sam train`` needs besides the shared :class:`linmix.training.TrainConfig`.
+    """Everything ``linmix sam train`` needs besides the shared schedule (:class:`SamScheduleConfig`).
 
     ``freeze``: parts kept fixed (any of :data:`FREEZABLE_PARTS`); stage 1 always trains only the
     image encoder. ``init_checkpoint``: a linmix safetensors (e.g. the stage-1 result) to start from;
@@ -281,7 +300,6 @@ class SamTrainConfig:
     position_in_embedding: bool | None = None
     # Stage 2: the first N steps teach the decoder to follow the prompt (see PromptWarmup).
     prompt_warmup_steps: int = 0
-    threads: int = 0  # 0: torch's default
 
     def __post_init__(self) -> None:
         self.scale_range = tuple(self.scale_range)
@@ -309,7 +327,18 @@ class SamTrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SamTrainConfig:
-        return cls(**data)
+        # Run folders written before the recipe format kept the thread count here (now train.threads).
+        return cls(**{key: value for key, value in data.items() if key != "threads"})
+
+
+@dataclass
+class SamRecipe(Recipe):
+    """The whole ``linmix sam train`` recipe: ``[train]`` (schedule, optimiser, run folder) and ``[sam]``
+    (model, data, losses). ``SamRecipe.from_file("recipes/rwkv_sam_tiny/phase10.toml")`` is the recipe of
+    the shipped model's last phase; ``train_sam(recipe)`` runs it as ``linmix sam train --config`` does."""
+
+    train: SamScheduleConfig = field(default_factory=SamScheduleConfig)
+    sam: SamTrainConfig = field(default_factory=SamTrainConfig)
 
 
 def resolve_position_in_embedding(config: SamTrainConfig) -> bool:
@@ -434,28 +463,59 @@ class _ImagesOnly:
         return {"images": self.source.get(step, micro_step, rank, world_size)["images"]}
 
 
-def train_sam(config: SamTrainConfig, train_config) -> dict[str, Any]:
-    """Run one stage with the shared Trainer; writes ``out_dir/sam_config.json``, checkpoints (each a
-    loadable ``rwkv_sam.safetensors`` too) and ``out_dir/final.safetensors``. Returns the Trainer's summary."""
+def _as_recipe(config: SamRecipe | SamTrainConfig, train_config: TrainConfig | None) -> SamRecipe:
+    if isinstance(config, SamRecipe):
+        if train_config is not None:
+            raise TypeError("train_sam(recipe) takes no train_config: the recipe's [train] section is that")
+        return config
+    if not isinstance(config, SamTrainConfig):
+        raise TypeError(f"train_sam needs a SamRecipe or a SamTrainConfig, got {type(config).__name__}")
+    train_config = adopt_schedule(train_config, SamScheduleConfig, "train_sam")
+    return SamRecipe(train=train_config, sam=config)
+
+
+def train_sam(config: SamRecipe | SamTrainConfig, train_config: TrainConfig | None = None) -> dict[str, Any]:
+    """Run one stage with the shared Trainer; writes ``out_dir/recipe.toml`` (the resolved recipe),
+    ``out_dir/sam_config.json``, checkpoints (each a loadable ``rwkv_sam.safetensors`` too) and
+    ``out_dir/final.safetensors``. Returns the Trainer's summary.
+
+    ``config`` is a :class:`SamRecipe` (what ``linmix sam train`` runs), or, as before, a
+    :class:`SamTrainConfig` with the schedule as ``train_config`` (default: :class:`SamScheduleConfig`).
+    Re-running into a folder that holds checkpoints resumes it, and refuses if any setting differs
+    except those of :data:`linmix.training.RESUMABLE_TRAIN_KEYS`.
+    """
     from linmix.training import Trainer
 
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    recipe = _as_recipe(config, train_config)
+    config, train_config = recipe.sam, recipe.train
+    if not train_config.out_dir:
+        raise ValueError("out_dir is empty: name the run folder ([train] out_dir, or --out)")
+    if train_config.threads:
+        torch.set_num_threads(train_config.threads)
     # Record the resolved setting so export and resume never re-derive it from files that may move.
     config = replace(config, position_in_embedding=resolve_position_in_embedding(config))
-    module, batches = build_training(config, train_config)
+    recipe = replace(recipe, sam=config)
+    trainer_settings = {"sam": config.to_dict()}
     out_dir = Path(train_config.out_dir)
+    rank = int(__import__("os").environ.get("RANK", "0"))
+    from linmix.training import check_resume_settings
+
+    if train_config.resume:  # before the (slow) data and model set-up
+        check_resume_settings(out_dir, {"train": train_config.to_dict(), **trainer_settings})
+    module, batches = build_training(config, train_config)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "sam_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    if rank == 0:
+        (out_dir / "sam_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        recipe.save(out_dir / "recipe.toml", header="linmix sam train: the resolved recipe of this run")
 
     def save_extra(folder: Path) -> None:
         (folder / "sam_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
-    trainer = Trainer(module, train_config, loss_fn=_loss_fn, batches=batches, save_extra=save_extra, items_name="images")
+    trainer = Trainer(module, train_config, loss_fn=_loss_fn, batches=batches, save_extra=save_extra, items_name="images",
+                      settings=trainer_settings)
     started = time.perf_counter()
     summary = trainer.fit()
     summary["wall_s"] = time.perf_counter() - started
-    rank = int(__import__("os").environ.get("RANK", "0"))
     if rank == 0:
         final = out_dir / "final.safetensors"
         export_checkpoint(out_dir, final, config=config)

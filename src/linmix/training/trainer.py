@@ -6,6 +6,10 @@ source whose ``get(step, micro_step, rank, world_size)`` is a pure function of i
 the data is addressed by step rather than drawn from an iterator, a run killed with SIGKILL resumes
 from its last checkpoint with the same batches, the same optimizer state and the same RNG state, so
 its loss curve continues exactly.
+
+A resumed run must be the same run: :func:`check_resume_settings` compares the settings stored in the
+newest checkpoint with the current ones and refuses a resume that changed any of them, except the
+keys in :data:`RESUMABLE_TRAIN_KEYS` (and those a trainer adds).
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Collection, Mapping, Protocol
 
 import torch
 import torch.distributed as dist
@@ -42,6 +46,14 @@ from linmix.training.metrics import MetricsLog
 from linmix.training.optim import build_adamw, warmup_cosine_multiplier
 
 PRECISIONS = ("auto", "fp32", "bf16")
+SETTINGS_FILE = "run_settings.json"  # in every checkpoint folder: the settings a resume must match
+# Shared settings a resume may change: a longer run (max_steps; the cosine stretches from the
+# resumed step on), bookkeeping (logging, checkpoints, progress bar), how the work is spread
+# (threads, DDP or FSDP: checkpoints hold full state) or compiled, and where the run lives.
+RESUMABLE_TRAIN_KEYS = frozenset({
+    "out_dir", "max_steps", "log_every", "save_every", "eval_every", "keep_checkpoints", "progress", "resume",
+    "threads", "distributed", "compile",
+})
 
 
 class BatchSource(Protocol):
@@ -61,6 +73,7 @@ class TrainConfig:
     warmup_steps: int = 100
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping
     grad_accum: int = 1
     precision: str = "auto"  # auto: bf16 autocast on CUDA GPUs that support it, fp32 otherwise
@@ -73,6 +86,7 @@ class TrainConfig:
     distributed: str = "ddp"  # used only under torchrun with more than one process
     progress: bool = True
     resume: bool = True
+    threads: int = 0  # torch CPU threads per process; 0: torch's default
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -81,8 +95,12 @@ class TrainConfig:
         for name, value in positive.items():
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.warmup_steps < 0 or self.eval_every < 0:
-            raise ValueError("warmup_steps and eval_every must be >= 0")
+        if self.warmup_steps < 0 or self.eval_every < 0 or self.threads < 0:
+            raise ValueError("warmup_steps, eval_every and threads must be >= 0")
+        if len(self.betas) != 2 or not all(0.0 <= beta < 1.0 for beta in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if not self.eps > 0:
+            raise ValueError(f"eps must be > 0, got {self.eps}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -108,8 +126,83 @@ class TrainConfig:
         return cls(**data)
 
     def lr_at(self, step: int) -> float:
+        """The learning rate of optimizer step ``step`` (0-based); the warm-up is capped at ``max_steps``
+        so a short run still reaches the peak."""
         return self.lr * warmup_cosine_multiplier(
-            step, warmup_steps=self.warmup_steps, total_steps=self.max_steps, min_lr_ratio=self.min_lr_ratio
+            step, warmup_steps=min(self.warmup_steps, self.max_steps), total_steps=self.max_steps,
+            min_lr_ratio=self.min_lr_ratio,
+        )
+
+
+def adopt_schedule(train_config: "TrainConfig | None", schedule_cls: type, trainer: str):
+    """``train_config`` as the trainer's schedule class (a TrainConfig subclass carrying that trainer's
+    defaults); None gives those defaults. A plain TrainConfig is kept value for value, with a warning
+    naming the fields where it holds the generic default and the trainer's recipe another."""
+    import warnings
+
+    if train_config is None:
+        return schedule_cls()
+    if isinstance(train_config, schedule_cls):
+        return train_config
+    if not isinstance(train_config, TrainConfig):
+        raise TypeError(f"{trainer} needs a TrainConfig as train_config, got {type(train_config).__name__}")
+    generic, recipe = TrainConfig(), schedule_cls()
+    differing = [item.name for item in dataclasses.fields(TrainConfig) if item.name != "out_dir"
+                 and getattr(train_config, item.name) == getattr(generic, item.name) != getattr(recipe, item.name)]
+    if differing:
+        warnings.warn(
+            f"{trainer} got a plain TrainConfig whose {', '.join(differing)} keep the generic defaults, not the "
+            f"recipe's; pass a {schedule_cls.__name__} (or the whole recipe) to get the recipe's defaults",
+            stacklevel=4,  # the caller of train_sam / train_lm (through their recipe helper)
+        )
+    return schedule_cls(**train_config.to_dict())
+
+
+def _flatten(settings: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    # JSON round trip: tuples and lists compare equal, as they do once stored.
+    plain = json.loads(json.dumps(settings))
+    return {f"{section}.{key}": value for section, values in plain.items() for key, value in values.items()}
+
+
+def _stored_settings(folder: Path) -> dict[str, Any] | None:
+    """The flattened settings stored in a checkpoint folder; checkpoints written before the settings
+    file existed hold only the Trainer's config (inside trainer_state.pt)."""
+    path = folder / SETTINGS_FILE
+    if path.is_file():
+        return _flatten(json.loads(path.read_text()))
+    _, trainer_state = load_checkpoint(folder)
+    if "config" not in trainer_state:
+        return None
+    return _flatten({"train": json.loads(trainer_state["config"])})
+
+
+def check_resume_settings(
+    out_dir: str | Path, settings: Mapping[str, Mapping[str, Any]], *, resumable: Collection[str] = (),
+) -> None:
+    """Refuse to resume the run in ``out_dir`` with settings other than those it was trained with.
+
+    ``settings`` maps section names to their values, e.g. ``{"train": TrainConfig.to_dict(), "sam":
+    ...}``. Keys may differ from the newest checkpoint's only if they are in
+    :data:`RESUMABLE_TRAIN_KEYS` (as ``train.KEY``, or bare for the train section) or in
+    ``resumable`` (``"section.key"``, e.g. ``"lm.eval_data"``). A key the checkpoint does not record
+    (added to linmix after it was written) is not compared. Nothing to resume: nothing to check.
+    Raises ``ValueError`` listing each differing key with its old and new value.
+    """
+    folder = latest_checkpoint(out_dir)
+    if folder is None:
+        return
+    stored = _stored_settings(folder)
+    if stored is None:
+        return
+    allowed = {f"train.{key}" for key in RESUMABLE_TRAIN_KEYS} | set(resumable)
+    current = _flatten(settings)
+    changed = {key: (stored[key], value) for key, value in current.items()
+               if key in stored and key not in allowed and stored[key] != value}
+    if changed:
+        listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in sorted(changed.items()))
+        raise ValueError(
+            f"{out_dir} holds a run with different settings ({listed}); resume with the original settings or "
+            f"use a new output folder (may change on resume: {', '.join(sorted(allowed))})"
         )
 
 
@@ -150,6 +243,10 @@ class _Window:
 class Trainer:
     """Runs ``config.max_steps`` optimizer steps of ``loss_fn`` over ``batches``.
 
+    ``settings`` are the caller's own sections of the run's recipe (e.g. ``{"sam": {...}}``); with the
+    Trainer's config as ``train`` they are stored in every checkpoint, and :meth:`fit` refuses to resume
+    a run whose settings differ (see :func:`check_resume_settings`; ``resumable`` lists the caller's
+    keys that may change, as ``"section.key"``).
     ``save_extra(folder)`` may write more files into each checkpoint folder (e.g. config.json, so a
     checkpoint is also a loadable model folder). ``eval_fn(model) -> dict`` runs every
     ``eval_every`` steps on every rank. ``items_name`` labels the throughput (tokens, images).
@@ -168,6 +265,8 @@ class Trainer:
         save_extra: Callable[[Path], None] | None = None,
         items_name: str = "tokens",
         device: str | torch.device | None = None,
+        settings: Mapping[str, Mapping[str, Any]] | None = None,
+        resumable: Collection[str] = (),
     ):
         self.model = model
         self.config = config
@@ -178,6 +277,20 @@ class Trainer:
         self.items_name = items_name
         self.requested_device = device
         self.out_dir = Path(config.out_dir)
+        if settings and "train" in settings:
+            raise ValueError("settings must not hold a 'train' section: the Trainer's config is that section")
+        self.settings = {"train": config.to_dict(), **(settings or {})}
+        self.resumable = tuple(resumable)
+
+    def check_resume(self) -> None:
+        """Raise if ``out_dir`` holds a checkpoint trained with other settings (see :func:`check_resume_settings`)."""
+        if self.config.resume:
+            check_resume_settings(self.out_dir, self.settings, resumable=self.resumable)
+
+    def _save_settings(self, folder: Path) -> None:
+        (folder / SETTINGS_FILE).write_text(json.dumps(self.settings, indent=2) + "\n")
+        if self.save_extra is not None:
+            self.save_extra(folder)
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -205,7 +318,7 @@ class Trainer:
             }
             save_checkpoint(
                 self.out_dir, step, model_state=model_state, trainer_state=trainer_state,
-                save_extra=self.save_extra, keep=self.config.keep_checkpoints,
+                save_extra=self._save_settings, keep=self.config.keep_checkpoints,
             )
         barrier(context)
 
@@ -233,12 +346,15 @@ class Trainer:
         from tqdm.auto import tqdm
 
         config = self.config
+        self.check_resume()
+        if config.threads:
+            torch.set_num_threads(config.threads)
         context = setup_distributed(self.requested_device)
         torch.manual_seed(config.seed + context.rank)
         model = self.model.to(context.device)
         wrapped = wrap_model(model, context, config.distributed)
         forward_model = torch.compile(wrapped) if config.compile else wrapped
-        optimizer = build_adamw(model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas)
+        optimizer = build_adamw(model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas, eps=config.eps)
         trainable = [p for group in optimizer.param_groups for p in group["params"]]
         start_step = self._resume(wrapped, optimizer, context)
         if start_step >= config.max_steps:
