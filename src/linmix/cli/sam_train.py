@@ -137,7 +137,7 @@ def train_command(
     prompt_warmup_steps: Optional[int] = typer.Option(
         None, "--prompt-warmup-steps",
         help="Stage 2: for the first N steps every prompt is a box and its target is the filled box, so the "
-             "decoder learns to follow the prompt before it learns object masks (see docs/sam.md)."),
+             "decoder learns to follow the prompt before it learns object masks (see docs/experiments/rwkv-sam-tiny-procedural.md)."),
     save_every: Optional[int] = typer.Option(None, "--save-every"),
     log_every: Optional[int] = typer.Option(None, "--log-every"),
     keep_checkpoints: Optional[int] = typer.Option(None, "--keep-checkpoints"),
@@ -199,7 +199,7 @@ def dump_teacher_command(
 
 @sam_app.command("eval")
 def eval_command(
-    dataset: Optional[list[str]] = typer.Option(None, "--dataset", help=DATASET_HELP + " Repeatable; default procedural:1:100 (the held-out split of docs/sam.md)."),
+    dataset: Optional[list[str]] = typer.Option(None, "--dataset", help=DATASET_HELP + " Repeatable; default procedural:1:100 (the procedural generator's held-out split)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A linmix RWKV-SAM safetensors; default: the shipped model."),
     variant: Optional[str] = typer.Option(None, "--variant", help="Variant of --checkpoint when its metadata does not say."),
     prompts: str = typer.Option("box,point", "--prompts", help="Comma-separated prompt kinds: box, point."),

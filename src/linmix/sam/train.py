@@ -426,7 +426,7 @@ class PromptWarmup:
 
     A decoder trained from scratch on object masks settles within tens of steps on one
     prompt-independent mask per image (the union of the drawn objects: IoU ~0.4), and the pathway
-    from prompt to mask never forms from there (docs/sam.md). So for ``step < steps`` every prompt
+    from prompt to mask never forms from there (docs/experiments/rwkv-sam-tiny-procedural.md). So for ``step < steps`` every prompt
     is a box and its target is that box, filled: a box-prompted object keeps its (noisy) box, a
     point-prompted one gets the tight box of its mask. Later steps are the wrapped source's batches
     unchanged. Like the source, a batch is a pure function of (step, micro-step, rank, world size).
