@@ -190,6 +190,9 @@ def test_split_key_ignores_resolution_and_light_dark_variants():
     root = Path("/pics")
     assert source_key("/pics/a/Elephants_3840x2160.jpg", root) == source_key("/pics/a/Elephants.jpg", root) == "a/elephants"
     assert source_key("/pics/blobs-l.webp", root) == source_key("/pics/blobs-d.webp", root) == "blobs"
+    # icon themes: one icon at every size and direction is one key
+    assert (source_key("/pics/16x16/actions/edit-redo-rtl.png", root) == source_key("/pics/64x64@2x/actions/edit-redo.png", root)
+            == source_key("/pics/actions/48/edit-redo.png", root) == "actions/edit-redo")
     assert split_of("a/elephants") == split_of("a/elephants") in ("train", "heldout")
     shares = [split_of(f"file{i}") == "heldout" for i in range(4000)]
     assert 0.10 < np.mean(shares) < 0.15  # about 1 in 8

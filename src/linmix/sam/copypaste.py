@@ -21,8 +21,9 @@ Sources (any user's files; nothing is shipped):
 Held-out split: every background and every cut-out belongs to exactly one split, decided by a stable
 hash (SHA-1) of its key: ``int(sha1(key)[:8], 16) % heldout_every == 0`` is held out (1 in 8 by
 default). A file's key is its path relative to its source folder with the stem normalised so that
-variants of one picture share it (lower case; a trailing resolution such as ``_3840x2160`` and a
-trailing ``-l``/``-d``/``-light``/``-dark``/``-day``/``-night`` removed); an emoji's key is
+variants of one picture share it (lower case; size folders such as ``16x16/``, ``48/`` or
+``scalable/`` of icon themes left out; a trailing resolution such as ``_3840x2160`` and a trailing
+``-l``/``-d``/``-light``/``-dark``/``-day``/``-night``/``-rtl``/``-ltr`` removed); an emoji's key is
 ``emoji:U+XXXX``. So ``split=heldout`` shares no photograph and no cut-out with ``split=train``.
 
 Spec (``linmix sam eval --dataset`` / ``train``, once wired into ``load_dataset``)::
@@ -82,18 +83,21 @@ _NON_PICTURE = {0x200D, 0x20E3, 0xFE0E, 0xFE0F} | set(range(0xE0020, 0xE0080))
 # split by stable hash
 
 
-_RESOLUTION_SUFFIX = re.compile(r"[_-]\d{3,5}x\d{3,5}$")
-_VARIANT_SUFFIX = re.compile(r"[_-](l|d|light|dark|day|night)$")
+_RESOLUTION_SUFFIX = re.compile(r"[_-]\d{2,5}x\d{2,5}$")
+_VARIANT_SUFFIX = re.compile(r"[_-](l|d|light|dark|day|night|rtl|ltr)$")
+_SIZE_FOLDER = re.compile(r"^(\d{1,4}(x\d{1,4})?(@\d+x?)?|scalable)$")  # icon themes: 16x16/, 32x32@2x/, 48/
 
 
 def source_key(path: str | PathLike[str], root: str | PathLike[str]) -> str:
-    """The split key of a file: its path relative to ``root``, stem lower-cased and stripped of a
-    resolution suffix and a light/dark variant suffix, so every version of one picture shares it."""
+    """The split key of a file: its path relative to ``root``, lower-cased, without size folders
+    (``16x16/``, ``48/``, ``scalable/``) and with the stem stripped of a resolution suffix and a
+    light/dark/left-to-right variant suffix, so every version of one picture or icon shares it."""
     relative = Path(path).relative_to(root)
+    folders = [part.lower() for part in relative.parent.parts if not _SIZE_FOLDER.match(part.lower())]
     stem = relative.stem.lower()
     stem = _RESOLUTION_SUFFIX.sub("", stem)
     stem = _VARIANT_SUFFIX.sub("", stem)
-    return (relative.parent / stem).as_posix()
+    return "/".join([*folders, stem])
 
 
 def split_of(key: str, heldout_every: int = 8) -> str:
@@ -413,7 +417,13 @@ class CopyPasteDataset:
             files = _files(object_dirs)
             if not files:
                 raise FileNotFoundError(f"no images under the objects folder(s) {', '.join(map(str, object_dirs))}")
-            with_alpha = [(source_key(path, root), path) for root, path in files if _has_alpha_channel(path)]
+            # One file per key: the largest version of an icon drawn at several sizes.
+            by_key: dict[str, Path] = {}
+            for root, path in files:
+                key = source_key(path, root)
+                if key not in by_key or path.stat().st_size > by_key[key].stat().st_size:
+                    by_key[key] = path
+            with_alpha = [(key, path) for key, path in sorted(by_key.items()) if _has_alpha_channel(path)]
             if not with_alpha:
                 raise DatasetError(
                     f"none of the {len(files)} image(s) under {', '.join(map(str, object_dirs))} has an alpha channel: "
