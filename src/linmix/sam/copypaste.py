@@ -267,6 +267,7 @@ class _LRU:
 
 _CUTOUT_CACHE = _LRU(512)
 _BACKGROUND_CACHE = _LRU(16)
+_FONT_CACHE = _LRU(4)
 _MAX_CUTOUT_SIDE = 512
 _MAX_BACKGROUND_SIDE = 1280
 
@@ -300,7 +301,7 @@ def _load_cutout_file(path: Path) -> np.ndarray | None:
 def _render_emoji(font_path: Path, codepoint: int) -> np.ndarray | None:
     from PIL import Image, ImageDraw, ImageFont
 
-    font = _BACKGROUND_CACHE.get(("font", str(font_path)), lambda: ImageFont.truetype(str(font_path), EMOJI_BITMAP_SIZE))
+    font = _FONT_CACHE.get(str(font_path), lambda: ImageFont.truetype(str(font_path), EMOJI_BITMAP_SIZE))
     canvas = Image.new("RGBA", (2 * EMOJI_BITMAP_SIZE, 2 * EMOJI_BITMAP_SIZE), (0, 0, 0, 0))
     ImageDraw.Draw(canvas).text((EMOJI_BITMAP_SIZE // 4, EMOJI_BITMAP_SIZE // 4), chr(codepoint), font=font, embedded_color=True)
     return _alpha_bbox_crop(np.asarray(canvas))
