@@ -16,8 +16,8 @@ Calibration (:func:`candidate_scores`, :func:`generator_outcome`, :func:`choose_
 grid-point candidate of the automatic generator (before any threshold or NMS) is computed once with
 its predicted IoU, stability score, box and IoU with each true mask; the generator's filters and box
 NMS are then replayed for each threshold pair, which is judged by the share of true objects found by
-a returned mask (IoU >= ``good_iou``) and the share of returned masks that are good. The pair with
-the best precision among those within ``recall_share`` of the best recall wins. Rerun it with
+a returned mask (IoU >= ``good_iou``, recall) and the share of returned masks that are good
+(precision). The pair with the best F1 of the two wins: few masks, most of them right. Rerun it with
 ``python -m linmix.sam.auto_defaults --write`` after training a new shipped model.
 """
 
@@ -213,15 +213,18 @@ def threshold_table(
     return [generator_outcome(images, float(p), float(s), good_iou=good_iou) for p in pred_iou_grid for s in stability_grid]
 
 
-def choose_thresholds(images: Sequence[CandidateScores], *, good_iou: float = 0.75, recall_share: float = 0.95, **grids) -> dict[str, float]:
-    """The threshold pair with the best precision among those whose recall is at least
-    ``recall_share`` of the best recall on the grid (ties: the lower thresholds)."""
+def choose_thresholds(images: Sequence[CandidateScores], *, good_iou: float = 0.75, **grids) -> dict[str, float]:
+    """The threshold pair of the grids with the best F1 of ``recall`` (true objects found) and
+    ``precision`` (returned masks that are good); ties go to the lower thresholds. Returns the
+    :func:`generator_outcome` row of that pair, with its ``f1``."""
     table = threshold_table(images, good_iou=good_iou, **grids)
-    best_recall = max(row["recall"] for row in table)
-    if best_recall == 0:
+    for row in table:
+        total = row["recall"] + (row["precision"] if row["masks"] else 0.0)
+        row["f1"] = 2 * row["recall"] * row["precision"] / total if row["masks"] and total > 0 else 0.0
+    best = max(table, key=lambda row: (round(row["f1"], 9), -row["pred_iou_thresh"] - row["stability_score_thresh"]))
+    if best["f1"] == 0.0:
         raise ValueError(f"no returned mask reaches IoU {good_iou} with a true object: nothing to calibrate on")
-    eligible = [row for row in table if row["recall"] >= recall_share * best_recall and row["masks"] > 0]
-    return max(eligible, key=lambda row: (row["precision"], -row["pred_iou_thresh"] - row["stability_score_thresh"]))
+    return best
 
 
 def _calibration_images(procedural_images: int) -> list[tuple[str, np.ndarray, list[np.ndarray]]]:
@@ -245,9 +248,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--procedural-images", type=int, default=20, help="Procedural held-out images (seed 1) besides the bundled examples.")
     parser.add_argument("--points-per-side", type=int, default=16)
     parser.add_argument("--good-iou", type=float, default=0.75)
-    parser.add_argument("--recall-share", type=float, default=0.95)
     parser.add_argument("--write", action="store_true", help="Write the sidecar next to the shipped weights.")
-    parser.add_argument("--save-scores", help="Also save the candidates' scores to this pickle file.")
+    parser.add_argument("--save-scores", help="Also save the candidates' scores to this pickle file (plain arrays).")
     parser.add_argument("--scores", help="Reuse the scores saved by --save-scores instead of running the model.")
     args = parser.parse_args(argv)
 
@@ -256,7 +258,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     path = default_checkpoint_path()
     if args.scores:
         with open(args.scores, "rb") as handle:
-            names, images = pickle.load(handle)
+            names, arrays = pickle.load(handle)
+        images = [CandidateScores(**columns) for columns in arrays]
     else:
         model = build_rwkv_sam(checkpoint_metadata(path)["variant"], checkpoint=path).eval()
         names, images = [], []
@@ -266,9 +269,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"{name}: {len(images[-1].predicted_iou)} candidates", flush=True)
         if args.save_scores:
             with open(args.save_scores, "wb") as handle:
-                pickle.dump((names, images), handle)
-    chosen = choose_thresholds(images, good_iou=args.good_iou, recall_share=args.recall_share)
-    described = f"{len(names)} images ({names[0]}, ...), {sum(s.objects for s in images)} objects"
+                columns = [{key: getattr(image, key) for key in ("predicted_iou", "stability", "boxes", "truth_iou")} for image in images]
+                pickle.dump((names, columns), handle)
+    chosen = choose_thresholds(images, good_iou=args.good_iou)
+    examples = [name for name in names if not name.startswith("procedural-")]
+    described = (f"{len(names)} images: the bundled examples ({', '.join(examples)}) and the first "
+                 f"{len(names) - len(examples)} of procedural:1; {sum(s.objects for s in images)} objects")
     print(described)
     print("| pred_iou_thresh | stability_thresh | objects found (IoU >= good) | returned masks that are good | masks per image |")
     print("|---|---|---|---|---|")
@@ -283,9 +289,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             "images": described,
             "points_per_side": args.points_per_side,
             "good_iou": args.good_iou,
-            "recall_share": args.recall_share,
+            "rule": "best F1 of recall and precision on a 0.04 grid",
             "recall": round(chosen["recall"], 4),
             "precision": round(chosen["precision"], 4),
+            "f1": round(chosen["f1"], 4),
             "masks_per_image": round(chosen["masks"], 2),
             "sam_defaults_recall": round(sam["recall"], 4),
             "command": "python -m linmix.sam.auto_defaults --write",
