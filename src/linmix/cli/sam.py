@@ -84,17 +84,30 @@ def auto_command(
     out: Path = typer.Option(Path("segment-out"), "--out", help="Folder for the masks JSON and the overlay."),
     points_per_side: int = typer.Option(16, "--points-per-side", min=1, help="Grid of single-point prompts per side (SAM uses 32)."),
     points_per_batch: int = typer.Option(64, "--points-per-batch", min=1, help="Prompts decoded together."),
-    pred_iou_thresh: float = typer.Option(0.88, "--pred-iou-thresh", help="Keep masks whose predicted IoU is above this."),
-    stability_score_thresh: float = typer.Option(0.92, "--stability-thresh", help="Keep masks whose stability score is above this."),
+    pred_iou_thresh: Optional[float] = typer.Option(
+        None, "--pred-iou-thresh",
+        help="Keep masks whose predicted IoU is above this; default: the model's stored value (CHECKPOINT_STEM.auto_masks.json beside the weights), else SAM's 0.88.",
+    ),
+    stability_score_thresh: Optional[float] = typer.Option(
+        None, "--stability-thresh",
+        help="Keep masks whose stability score is at least this; default: the model's stored value, else SAM's 0.95.",
+    ),
     min_mask_region_area: int = typer.Option(0, "--min-region-area", min=0, help="Remove islands and holes smaller than this many pixels."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help=CHECKPOINT_HELP),
     variant: Optional[str] = typer.Option(None, "--variant", help=VARIANT_HELP),
 ) -> None:
     """Every mask in IMAGE without prompts (Segment Anything's automatic mask generator)."""
+    from linmix.sam.auto_defaults import automatic_mask_defaults_for
     from linmix.segment import automatic_masks, read_image, write_automatic_masks
 
     pixels = read_image(image)
     model = _load(checkpoint, variant)
+    # Thresholds calibrated for this model (stored with its weights) unless the user gave them.
+    defaults = automatic_mask_defaults_for(model, checkpoint)
+    if pred_iou_thresh is None:
+        pred_iou_thresh = defaults["pred_iou_thresh"]
+    if stability_score_thresh is None:
+        stability_score_thresh = defaults["stability_score_thresh"]
     records = automatic_masks(
         model, pixels,
         points_per_side=points_per_side, points_per_batch=points_per_batch, pred_iou_thresh=pred_iou_thresh,

@@ -431,6 +431,9 @@ def load_default(token_mixer: str = "rwkv", *, image_size: int | None = None) ->
     ``token_mixer="attention"`` loads the same-scale attention baseline trained with the identical recipe,
     when it is shipped. ``image_size`` runs it at another input side than the one it was trained at
     (a multiple of 16). Raises FileNotFoundError when the weights file is absent.
+
+    The model's ``automatic_mask_defaults`` holds the automatic-mask thresholds stored beside the
+    weights (:mod:`linmix.sam.auto_defaults`; SAM's when there is no such file).
     """
     path = default_checkpoint_path(token_mixer)
     if not path.is_file():
@@ -441,7 +444,11 @@ def load_default(token_mixer: str = "rwkv", *, image_size: int | None = None) ->
     metadata = checkpoint_metadata(path)
     if "variant" not in metadata:
         raise ValueError(f"{path} lacks the 'variant' metadata written by save_rwkv_sam")
-    return build_rwkv_sam(metadata["variant"], checkpoint=path, image_size=image_size)
+    from linmix.sam.auto_defaults import read_automatic_mask_defaults
+
+    model = build_rwkv_sam(metadata["variant"], checkpoint=path, image_size=image_size)
+    model.automatic_mask_defaults = read_automatic_mask_defaults(path)
+    return model
 
 
 def build_rwkv_sam_tiny(checkpoint=None, *, token_mixer: str | None = None, sam_checkpoint=None, image_size: int | None = None) -> RwkvSam:

@@ -1,0 +1,304 @@
+"""Automatic-mask thresholds stored with a checkpoint, and the measurement that picks them.
+
+Segment Anything's automatic mask generator keeps a candidate mask when its predicted IoU exceeds
+``pred_iou_thresh`` (0.88) and its stability score reaches ``stability_score_thresh`` (0.95). Those
+numbers are calibrated for SAM's own checkpoints; a small model trained elsewhere predicts lower
+IoUs for its good masks and gives every mask away. So a checkpoint may carry its own thresholds in a
+sidecar file beside it, ``<checkpoint stem>.auto_masks.json``::
+
+    {"pred_iou_thresh": 0.62, "stability_score_thresh": 0.80, "measured": {...how they were chosen...}}
+
+:func:`read_automatic_mask_defaults` returns the sidecar's thresholds, or SAM's when there is no
+sidecar (a converted SAM checkpoint keeps SAM's behaviour). ``linmix sam auto`` uses them unless the
+user passes ``--pred-iou-thresh`` / ``--stability-thresh``.
+
+Calibration (:func:`candidate_scores`, :func:`generator_outcome`, :func:`choose_thresholds`): every
+grid-point candidate of the automatic generator (before any threshold or NMS) is computed once with
+its predicted IoU, stability score, box and IoU with each true mask; the generator's filters and box
+NMS are then replayed for each threshold pair, which is judged by the share of true objects found by
+a returned mask (IoU >= ``good_iou``, recall) and the share of returned masks that are good
+(precision). The pair with the best F1 of the two wins: few masks, most of them right. Rerun it with
+``python -m linmix.sam.auto_defaults --write`` after training a new shipped model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "AUTO_MASK_SIDECAR_SUFFIX",
+    "SAM_AUTOMATIC_MASK_DEFAULTS",
+    "CandidateScores",
+    "automatic_mask_defaults_for",
+    "automatic_mask_sidecar_path",
+    "candidate_scores",
+    "generator_outcome",
+    "choose_thresholds",
+    "read_automatic_mask_defaults",
+    "threshold_table",
+    "write_automatic_mask_defaults",
+]
+
+SAM_AUTOMATIC_MASK_DEFAULTS: dict[str, float] = {"pred_iou_thresh": 0.88, "stability_score_thresh": 0.95}
+AUTO_MASK_SIDECAR_SUFFIX = ".auto_masks.json"
+_THRESHOLD_KEYS = tuple(SAM_AUTOMATIC_MASK_DEFAULTS)
+
+
+def automatic_mask_sidecar_path(checkpoint: str | PathLike[str]) -> Path:
+    """``weights/model.safetensors`` -> ``weights/model.auto_masks.json``."""
+    path = Path(checkpoint)
+    return path.with_name(path.stem + AUTO_MASK_SIDECAR_SUFFIX)
+
+
+def read_automatic_mask_defaults(checkpoint: str | PathLike[str] | None) -> dict[str, float]:
+    """The automatic-mask thresholds stored beside ``checkpoint``, or SAM's when it has none.
+
+    A sidecar that is not a JSON object with both thresholds in [0, 1] raises ValueError naming it.
+    """
+    if checkpoint is None:
+        return dict(SAM_AUTOMATIC_MASK_DEFAULTS)
+    sidecar = automatic_mask_sidecar_path(checkpoint)
+    if not sidecar.is_file():
+        return dict(SAM_AUTOMATIC_MASK_DEFAULTS)
+    try:
+        record = json.loads(sidecar.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"automatic-mask defaults {sidecar} are not valid JSON: {error}") from error
+    if not isinstance(record, dict):
+        raise ValueError(f"automatic-mask defaults {sidecar} must be a JSON object with {list(_THRESHOLD_KEYS)}")
+    values = {}
+    for key in _THRESHOLD_KEYS:
+        value = record.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"automatic-mask defaults {sidecar}: {key} must be a number in [0, 1], got {value!r}")
+        values[key] = float(value)
+    return values
+
+
+def write_automatic_mask_defaults(
+    checkpoint: str | PathLike[str], thresholds: dict[str, float], measured: dict[str, Any] | None = None
+) -> Path:
+    """Write the sidecar of ``checkpoint`` (thresholds plus how they were measured); returns its path."""
+    record: dict[str, Any] = {key: round(float(thresholds[key]), 4) for key in _THRESHOLD_KEYS}
+    if measured:
+        record["measured"] = measured
+    path = automatic_mask_sidecar_path(checkpoint)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def automatic_mask_defaults_for(model: Any = None, checkpoint: str | PathLike[str] | None = None) -> dict[str, float]:
+    """Thresholds for ``model``: the ones :func:`linmix.sam.load_default` attached to it
+    (``model.automatic_mask_defaults``), else those stored beside ``checkpoint``, else SAM's."""
+    attached = getattr(model, "automatic_mask_defaults", None)
+    if attached:
+        return {key: float(attached[key]) for key in _THRESHOLD_KEYS}
+    return read_automatic_mask_defaults(checkpoint)
+
+
+# --------------------------------------------------------------------------------------------------
+# calibration
+
+
+class CandidateScores:
+    """Every candidate mask of one image: ``predicted_iou`` ``[N]``, ``stability`` ``[N]``, ``boxes``
+    ``[N, 4]`` XYXY (of the binary mask, as the generator computes them) and ``truth_iou`` ``[N, K]``
+    (IoU with each of the image's K true masks)."""
+
+    def __init__(self, predicted_iou, stability, boxes, truth_iou):
+        self.predicted_iou = np.asarray(predicted_iou, dtype=np.float64).reshape(-1)
+        self.stability = np.asarray(stability, dtype=np.float64).reshape(-1)
+        self.boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        self.truth_iou = np.asarray(truth_iou, dtype=np.float64).reshape(len(self.predicted_iou), -1)
+
+    @property
+    def objects(self) -> int:
+        return self.truth_iou.shape[1]
+
+    def kept(self, pred_iou_thresh: float, stability_score_thresh: float, box_nms_thresh: float = 0.7) -> np.ndarray:
+        """Indices the automatic generator keeps (its filters in its order: predicted IoU, stability,
+        then box NMS by predicted IoU; one crop, no small-region post-processing)."""
+        from linmix.sam.automatic_mask_generator import batched_nms
+
+        keep = np.ones(len(self.predicted_iou), dtype=bool)
+        if pred_iou_thresh > 0.0:
+            keep &= self.predicted_iou > pred_iou_thresh
+        if stability_score_thresh > 0.0:
+            keep &= self.stability >= stability_score_thresh
+        index = np.nonzero(keep)[0]
+        if len(index) == 0:
+            return index
+        scores = torch.from_numpy(self.predicted_iou[index]).float()
+        survivors = batched_nms(torch.from_numpy(self.boxes[index]).float(), scores, torch.zeros_like(scores), box_nms_thresh)
+        return index[survivors.numpy()]
+
+
+@torch.no_grad()
+def candidate_scores(
+    model: Any,
+    image: np.ndarray,
+    true_masks: Sequence[np.ndarray],
+    *,
+    points_per_side: int = 16,
+    points_per_batch: int = 64,
+    stability_score_offset: float = 1.0,
+) -> CandidateScores:
+    """Every candidate the automatic generator considers on ``image`` (three masks per grid point,
+    before thresholds and NMS), with its predicted IoU, stability score, box and IoU with each true mask."""
+    from linmix.sam.automatic_mask_generator import batched_mask_to_box, build_point_grid, calculate_stability_score
+    from linmix.sam.predictor import RwkvSamPredictor
+
+    truths = torch.from_numpy(np.stack([np.asarray(m, dtype=bool) for m in true_masks])).flatten(1).float()
+    if truths.shape[0] == 0:
+        raise ValueError("candidate_scores needs at least one true mask")
+    predictor = RwkvSamPredictor(model.eval())
+    predictor.set_image(image)
+    height, width = image.shape[:2]
+    points = build_point_grid(points_per_side) * np.array([width, height])[None]
+    threshold = float(model.mask_threshold)
+    predicted, stability, boxes, truth_iou = [], [], [], []
+    for start in range(0, len(points), points_per_batch):
+        batch = points[start : start + points_per_batch]
+        coords = torch.as_tensor(predictor.transform.apply_coords(batch, (height, width)), dtype=torch.float)
+        labels = torch.ones(len(batch), dtype=torch.int)
+        logits, iou_predictions, _ = predictor.predict_torch(coords[:, None], labels[:, None], multimask_output=True, return_logits=True)
+        logits = logits.flatten(0, 1).float()
+        binary = logits > threshold
+        masks = binary.flatten(1).float()
+        intersection = masks @ truths.T
+        union = masks.sum(1, keepdim=True) + truths.sum(1)[None] - intersection
+        predicted.append(iou_predictions.flatten().float().numpy())
+        stability.append(calculate_stability_score(logits, threshold, stability_score_offset).numpy())
+        boxes.append(batched_mask_to_box(binary).float().numpy())
+        truth_iou.append(torch.where(union > 0, intersection / union.clamp(min=1), torch.zeros_like(union)).numpy())
+    return CandidateScores(np.concatenate(predicted), np.concatenate(stability), np.concatenate(boxes), np.concatenate(truth_iou))
+
+
+def generator_outcome(
+    images: Sequence[CandidateScores], pred_iou_thresh: float, stability_score_thresh: float, *, good_iou: float = 0.75
+) -> dict[str, float]:
+    """What the automatic generator returns with these thresholds, over ``images``: ``recall`` (share
+    of true objects matched by a returned mask at IoU >= ``good_iou``), ``precision`` (share of returned
+    masks that match a true object at that IoU), ``masks`` (returned per image)."""
+    objects = recalled = returned = good = 0
+    for scores in images:
+        kept = scores.kept(pred_iou_thresh, stability_score_thresh)
+        objects += scores.objects
+        returned += len(kept)
+        if len(kept):
+            matrix = scores.truth_iou[kept]
+            recalled += int((matrix.max(0) >= good_iou).sum())
+            good += int((matrix.max(1) >= good_iou).sum())
+    return {"pred_iou_thresh": float(pred_iou_thresh), "stability_score_thresh": float(stability_score_thresh),
+            "recall": recalled / max(objects, 1), "precision": good / returned if returned else math.nan,
+            "masks": returned / max(len(images), 1)}
+
+
+def threshold_table(
+    images: Sequence[CandidateScores],
+    *,
+    good_iou: float = 0.75,
+    pred_iou_grid: Sequence[float] = tuple(np.round(np.arange(0.0, 0.97, 0.04), 2)),
+    stability_grid: Sequence[float] = tuple(np.round(np.arange(0.5, 0.99, 0.04), 2)),
+) -> list[dict[str, float]]:
+    """:func:`generator_outcome` for every threshold pair of the grids."""
+    return [generator_outcome(images, float(p), float(s), good_iou=good_iou) for p in pred_iou_grid for s in stability_grid]
+
+
+def choose_thresholds(images: Sequence[CandidateScores], *, good_iou: float = 0.75, **grids) -> dict[str, float]:
+    """The threshold pair of the grids with the best F1 of ``recall`` (true objects found) and
+    ``precision`` (returned masks that are good); ties go to the lower thresholds. Returns the
+    :func:`generator_outcome` row of that pair, with its ``f1``."""
+    table = threshold_table(images, good_iou=good_iou, **grids)
+    for row in table:
+        total = row["recall"] + (row["precision"] if row["masks"] else 0.0)
+        row["f1"] = 2 * row["recall"] * row["precision"] / total if row["masks"] and total > 0 else 0.0
+    best = max(table, key=lambda row: (round(row["f1"], 9), -row["pred_iou_thresh"] - row["stability_score_thresh"]))
+    if best["f1"] == 0.0:
+        raise ValueError(f"no returned mask reaches IoU {good_iou} with a true object: nothing to calibrate on")
+    return best
+
+
+def _calibration_images(procedural_images: int) -> list[tuple[str, np.ndarray, list[np.ndarray]]]:
+    from linmix.data.examples import EXAMPLES, load_example_image, render_example
+    from linmix.sam.data import ProceduralHQDataset
+
+    items = [(e.name, load_example_image(e.name), list(render_example(e.name)[1].values())) for e in EXAMPLES]
+    dataset = ProceduralHQDataset(1, procedural_images)  # seed 1: not a training seed of the shipped model
+    for index in range(procedural_images):
+        sample = dataset[index]
+        items.append((sample.name, sample.image, [m for m in sample.masks if m.any()]))
+    return items
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Measure the shipped model's automatic masks and print (or ``--write``) its thresholds."""
+    import argparse
+    import pickle
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--procedural-images", type=int, default=20, help="Procedural held-out images (seed 1) besides the bundled examples.")
+    parser.add_argument("--points-per-side", type=int, default=16)
+    parser.add_argument("--good-iou", type=float, default=0.75)
+    parser.add_argument("--write", action="store_true", help="Write the sidecar next to the shipped weights.")
+    parser.add_argument("--save-scores", help="Also save the candidates' scores to this pickle file (plain arrays).")
+    parser.add_argument("--scores", help="Reuse the scores saved by --save-scores instead of running the model.")
+    args = parser.parse_args(argv)
+
+    from linmix.sam.model import build_rwkv_sam, checkpoint_metadata, default_checkpoint_path
+
+    path = default_checkpoint_path()
+    if args.scores:
+        with open(args.scores, "rb") as handle:
+            names, arrays = pickle.load(handle)
+        images = [CandidateScores(**columns) for columns in arrays]
+    else:
+        model = build_rwkv_sam(checkpoint_metadata(path)["variant"], checkpoint=path).eval()
+        names, images = [], []
+        for name, image, truths in _calibration_images(args.procedural_images):
+            names.append(name)
+            images.append(candidate_scores(model, image, truths, points_per_side=args.points_per_side))
+            print(f"{name}: {len(images[-1].predicted_iou)} candidates", flush=True)
+        if args.save_scores:
+            with open(args.save_scores, "wb") as handle:
+                columns = [{key: getattr(image, key) for key in ("predicted_iou", "stability", "boxes", "truth_iou")} for image in images]
+                pickle.dump((names, columns), handle)
+    chosen = choose_thresholds(images, good_iou=args.good_iou)
+    examples = [name for name in names if not name.startswith("procedural-")]
+    described = (f"{len(names)} images: the bundled examples ({', '.join(examples)}) and the first "
+                 f"{len(names) - len(examples)} of procedural:1; {sum(s.objects for s in images)} objects")
+    print(described)
+    print("| pred_iou_thresh | stability_thresh | objects found (IoU >= good) | returned masks that are good | masks per image |")
+    print("|---|---|---|---|---|")
+    pairs = [(0.88, 0.95), (0.88, 0.92), (0.7, 0.9), (0.6, 0.85), (chosen["pred_iou_thresh"], chosen["stability_score_thresh"]), (0.3, 0.7), (0.0, 0.0)]
+    for p, s in pairs:
+        row = generator_outcome(images, p, s, good_iou=args.good_iou)
+        print(f"| {p:.2f} | {s:.2f} | {row['recall']:.3f} | {row['precision']:.3f} | {row['masks']:.1f} |")
+    print(f"chosen: {chosen}")
+    if args.write:
+        sam = generator_outcome(images, 0.88, 0.95, good_iou=args.good_iou)
+        measured = {
+            "images": described,
+            "points_per_side": args.points_per_side,
+            "good_iou": args.good_iou,
+            "rule": "best F1 of recall and precision on a 0.04 grid",
+            "recall": round(chosen["recall"], 4),
+            "precision": round(chosen["precision"], 4),
+            "f1": round(chosen["f1"], 4),
+            "masks_per_image": round(chosen["masks"], 2),
+            "sam_defaults_recall": round(sam["recall"], 4),
+            "command": "python -m linmix.sam.auto_defaults --write",
+        }
+        print(f"wrote {write_automatic_mask_defaults(path, chosen, measured)}")
+
+
+if __name__ == "__main__":
+    main()
