@@ -179,3 +179,21 @@ def test_bundled_examples_give_their_objects_with_the_stored_thresholds():
             truth = truths[name]
             best = max(float((r["segmentation"] & truth).sum() / (r["segmentation"] | truth).sum()) for r in records)
             assert best >= bound, (example.name, name, best)
+
+
+def test_calibration_scores_round_trip_through_npz_without_pickle(tmp_path):
+    from helpers import load_benchmark
+
+    calibration = load_benchmark("sam_auto_calibration")
+    rng = np.random.default_rng(0)
+    images = [
+        CandidateScores(rng.random(n), rng.random(n), rng.random((n, 4)) * 100, rng.random((n, k)))
+        for n, k in ((5, 2), (3, 1), (1, 3))
+    ]
+    path = tmp_path / "scores.npz"
+    calibration.save_candidate_scores(str(path), ["a", "procedural-1", "c"], images)
+    names, loaded = calibration.load_candidate_scores(str(path))
+    assert names == ["a", "procedural-1", "c"]
+    for before, after in zip(images, loaded):
+        for column in ("predicted_iou", "stability", "boxes", "truth_iou"):
+            np.testing.assert_array_equal(getattr(after, column), getattr(before, column))

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import linmix.sam.copypaste as copypaste
-from linmix.sam.copypaste import CopyPasteDataset, Placement, compose_cutouts, from_spec, source_key, split_of
+import linmix.sam.data.copypaste as copypaste
+from linmix.sam.data.copypaste import CopyPasteDataset, Placement, compose_cutouts, from_spec, source_key, split_of
 from linmix.sam.data import DatasetError, ProceduralHQDataset, PromptBatchSource
 
 COLOURS = [(230, 30, 30), (30, 200, 40), (40, 60, 230), (240, 220, 20), (200, 40, 200), (20, 210, 210), (250, 140, 0), (120, 70, 20)]
@@ -280,3 +280,15 @@ def test_emoji_glyphs_render_with_exact_alpha_and_split_by_codepoint(sources):
     assert 0.6 < opaque.mean() < 0.9  # a disc fills pi/4 of its box
     sample, placements = heldout.generate(0)
     assert all(p.key.startswith("emoji:U+") for p in placements) and sample.masks.shape[0] >= 1
+
+
+def test_load_dataset_builds_the_copypaste_kind(sources):
+    from linmix.sam.data import CopyPasteDataset as exported, load_dataset
+
+    spec = f"copypaste:3:7:backgrounds={sources['backgrounds']}:objects={sources['objects']}:emoji=none:size=64-96"
+    dataset = load_dataset(spec)
+    direct = from_spec(spec.partition(":")[2])
+    assert isinstance(dataset, exported) and len(dataset) == 7 and dataset.is_generated
+    for index in (0, 5):
+        np.testing.assert_array_equal(dataset[index].image, direct[index].image)
+        np.testing.assert_array_equal(dataset[index].masks, direct[index].masks)

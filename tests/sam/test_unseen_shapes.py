@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from linmix.sam.data import ProceduralHQDataset
-from linmix.sam.unseen_shapes import UnseenShapesDataset, from_spec, polygon_signed_distance
+from linmix.sam.data.unseen_shapes import UnseenShapesDataset, from_spec, polygon_signed_distance
 
 
 def _small(seed: int = 0) -> UnseenShapesDataset:
@@ -88,3 +88,15 @@ def test_spec():
         UnseenShapesDataset(0, 10, min_side=32)
     with pytest.raises(IndexError):
         _small()[50]
+
+
+def test_load_dataset_builds_the_unseen_kind():
+    from linmix.sam.data import load_dataset
+
+    dataset = load_dataset("unseen:4:6")
+    assert isinstance(dataset, UnseenShapesDataset) and (dataset.seed, len(dataset)) == (4, 6) and dataset.is_generated
+    direct = from_spec("4:6")
+    np.testing.assert_array_equal(dataset[2].image, direct[2].image)
+    np.testing.assert_array_equal(dataset[2].masks, direct[2].masks)
+    with pytest.raises(ValueError, match="unseen:SEED"):
+        load_dataset("unseen:x")

@@ -18,7 +18,7 @@ its predicted IoU, stability score, box and IoU with each true mask; the generat
 NMS are then replayed for each threshold pair, which is judged by the share of true objects found by
 a returned mask (IoU >= ``good_iou``, recall) and the share of returned masks that are good
 (precision). The pair with the best F1 of the two wins: few masks, most of them right. Rerun it with
-``python -m linmix.sam.auto_defaults --write`` after training a new shipped model.
+``python benchmarks/sam_auto_calibration.py --write`` after training a new shipped model.
 """
 
 from __future__ import annotations
@@ -225,80 +225,3 @@ def choose_thresholds(images: Sequence[CandidateScores], *, good_iou: float = 0.
     if best["f1"] == 0.0:
         raise ValueError(f"no returned mask reaches IoU {good_iou} with a true object: nothing to calibrate on")
     return best
-
-
-def _calibration_images(procedural_images: int) -> list[tuple[str, np.ndarray, list[np.ndarray]]]:
-    from linmix.data.examples import EXAMPLES, load_example_image, render_example
-    from linmix.sam.data import ProceduralHQDataset
-
-    items = [(e.name, load_example_image(e.name), list(render_example(e.name)[1].values())) for e in EXAMPLES]
-    dataset = ProceduralHQDataset(1, procedural_images)  # seed 1: not a training seed of the shipped model
-    for index in range(procedural_images):
-        sample = dataset[index]
-        items.append((sample.name, sample.image, [m for m in sample.masks if m.any()]))
-    return items
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Measure the shipped model's automatic masks and print (or ``--write``) its thresholds."""
-    import argparse
-    import pickle
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--procedural-images", type=int, default=20, help="Procedural held-out images (seed 1) besides the bundled examples.")
-    parser.add_argument("--points-per-side", type=int, default=16)
-    parser.add_argument("--good-iou", type=float, default=0.75)
-    parser.add_argument("--write", action="store_true", help="Write the sidecar next to the shipped weights.")
-    parser.add_argument("--save-scores", help="Also save the candidates' scores to this pickle file (plain arrays).")
-    parser.add_argument("--scores", help="Reuse the scores saved by --save-scores instead of running the model.")
-    args = parser.parse_args(argv)
-
-    from linmix.sam.model import build_rwkv_sam, checkpoint_metadata, default_checkpoint_path
-
-    path = default_checkpoint_path()
-    if args.scores:
-        with open(args.scores, "rb") as handle:
-            names, arrays = pickle.load(handle)
-        images = [CandidateScores(**columns) for columns in arrays]
-    else:
-        model = build_rwkv_sam(checkpoint_metadata(path)["variant"], checkpoint=path).eval()
-        names, images = [], []
-        for name, image, truths in _calibration_images(args.procedural_images):
-            names.append(name)
-            images.append(candidate_scores(model, image, truths, points_per_side=args.points_per_side))
-            print(f"{name}: {len(images[-1].predicted_iou)} candidates", flush=True)
-        if args.save_scores:
-            with open(args.save_scores, "wb") as handle:
-                columns = [{key: getattr(image, key) for key in ("predicted_iou", "stability", "boxes", "truth_iou")} for image in images]
-                pickle.dump((names, columns), handle)
-    chosen = choose_thresholds(images, good_iou=args.good_iou)
-    examples = [name for name in names if not name.startswith("procedural-")]
-    described = (f"{len(names)} images: the bundled examples ({', '.join(examples)}) and the first "
-                 f"{len(names) - len(examples)} of procedural:1; {sum(s.objects for s in images)} objects")
-    print(described)
-    print("| pred_iou_thresh | stability_thresh | objects found (IoU >= good) | returned masks that are good | masks per image |")
-    print("|---|---|---|---|---|")
-    pairs = [(0.88, 0.95), (0.88, 0.92), (0.7, 0.9), (0.6, 0.85), (chosen["pred_iou_thresh"], chosen["stability_score_thresh"]), (0.3, 0.7), (0.0, 0.0)]
-    for p, s in pairs:
-        row = generator_outcome(images, p, s, good_iou=args.good_iou)
-        print(f"| {p:.2f} | {s:.2f} | {row['recall']:.3f} | {row['precision']:.3f} | {row['masks']:.1f} |")
-    print(f"chosen: {chosen}")
-    if args.write:
-        sam = generator_outcome(images, 0.88, 0.95, good_iou=args.good_iou)
-        measured = {
-            "images": described,
-            "points_per_side": args.points_per_side,
-            "good_iou": args.good_iou,
-            "rule": "best F1 of recall and precision on a 0.04 grid",
-            "recall": round(chosen["recall"], 4),
-            "precision": round(chosen["precision"], 4),
-            "f1": round(chosen["f1"], 4),
-            "masks_per_image": round(chosen["masks"], 2),
-            "sam_defaults_recall": round(sam["recall"], 4),
-            "command": "python -m linmix.sam.auto_defaults --write",
-        }
-        print(f"wrote {write_automatic_mask_defaults(path, chosen, measured)}")
-
-
-if __name__ == "__main__":
-    main()

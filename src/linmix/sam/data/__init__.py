@@ -29,6 +29,8 @@ from linmix.sam.data.formats import (
     read_mask,
     read_rgb,
 )
+from linmix.sam.data.copypaste import COPYPASTE_USAGE, CopyPasteDataset
+from linmix.sam.data.copypaste import from_spec as copypaste_from_spec
 from linmix.sam.data.procedural import ProceduralHQDataset
 from linmix.sam.data.prompts import (
     PIXEL_MEAN,
@@ -42,9 +44,13 @@ from linmix.sam.data.prompts import (
     tight_box,
 )
 from linmix.sam.data.sources import PromptBatchSource, TeacherFeatureBatchSource
+from linmix.sam.data.unseen_shapes import UnseenShapesDataset
+from linmix.sam.data.unseen_shapes import from_spec as unseen_from_spec
 
 __all__ = [
     "DATASET_KINDS",
+    "CopyPasteDataset",
+    "UnseenShapesDataset",
     "HQ_DATASET_LAYOUTS",
     "IMAGE_EXTENSIONS",
     "PIXEL_MEAN",
@@ -132,6 +138,8 @@ DATASET_KINDS: dict[str, DatasetKind] = {
         "folder:IMAGE_DIR:MASK_DIR", lambda arguments, spec: ImageMaskFolderDataset(*_split_paths("folder", arguments, spec))
     ),
     "procedural": DatasetKind(PROCEDURAL_USAGE, _procedural),
+    "copypaste": DatasetKind(COPYPASTE_USAGE, lambda arguments, spec: copypaste_from_spec(arguments)),
+    "unseen": DatasetKind("unseen:SEED[:LENGTH]", lambda arguments, spec: unseen_from_spec(arguments)),
 }
 
 
@@ -141,7 +149,10 @@ def load_dataset(spec: str) -> Any:
     dis5k, thinobject5k, coift, hrsod and sa1b take a folder (``dis5k:data/DIS5K/DIS-VD``); coco takes
     ``coco:ANNOTATIONS.json:IMAGE_DIR``; folder takes ``folder:IMAGE_DIR:MASK_DIR``; procedural takes
     ``procedural:SEED[:LENGTH][:objects=MIN-MAX]`` (``objects=2-4`` or ``objects=3`` sets how many
-    objects each image has, default 1-3; LENGTH defaults to 1,000,000).
+    objects each image has, default 1-3; LENGTH defaults to 1,000,000); copypaste takes
+    ``copypaste:SEED[:LENGTH][:key=value...]`` (photographs with pasted cut-outs,
+    :mod:`linmix.sam.data.copypaste`); unseen takes ``unseen:SEED[:LENGTH]`` (the evaluation-only
+    generator, :mod:`linmix.sam.data.unseen_shapes`).
     """
     kind, _, arguments = spec.partition(":")
     if not arguments:

@@ -24,7 +24,7 @@ import colorsys
 import math
 import numpy as np
 
-from linmix.sam.data import SegmentationSample
+from linmix.sam.data.formats import SegmentationSample
 
 __all__ = ["UnseenShapesDataset", "from_spec", "polygon_signed_distance"]
 
@@ -156,6 +156,7 @@ class UnseenShapesDataset:
 
     KINDS = ("star", "crescent", "ring", "spiral", "holed_polygon", "dumbbell", "metaball")
     PALETTES = ("vivid", "pastel", "greyish")
+    is_generated = True  # items are independent draws: batch sources read item p without shuffling
 
     def __init__(self, seed: int = 0, length: int = 1000, *, min_side: int = 192, max_side: int = 448,
                  min_objects: int = 1, max_objects: int = 4):

@@ -53,7 +53,8 @@ from typing import Any
 
 import numpy as np
 
-from linmix.sam.data import DatasetError, ProceduralHQDataset, SegmentationSample
+from linmix.sam.data.formats import DatasetError, SegmentationSample
+from linmix.sam.data.procedural import ProceduralHQDataset
 
 __all__ = [
     "BACKGROUND_EXTENSIONS",
@@ -344,6 +345,8 @@ class CopyPasteDataset:
             colour jitter / flip of the background; ``False`` pastes them as they are (only scaled).
     """
 
+    is_generated = True  # items are independent draws: batch sources read item p without shuffling
+
     def __init__(
         self,
         seed: int = 0,
@@ -573,7 +576,7 @@ def _colour_jitter(pixels: np.ndarray, rng: np.random.Generator, *, strength: fl
 # spec
 
 
-_SPEC_USAGE = (
+COPYPASTE_USAGE = (
     "copypaste dataset spec must be copypaste:SEED[:LENGTH][:key=value...] with keys backgrounds=DIR[,DIR], "
     "objects=DIR[,DIR], emoji=FONT|none, split=train|heldout, per_image=MIN-MAX, size=MIN-MAX, procedural=SHARE, "
     "min_visible=FRACTION, heldout_every=N, augment=0|1"
@@ -594,12 +597,12 @@ def from_spec(rest: str) -> CopyPasteDataset:
     positional = [p for p in parts if "=" not in p]
     options = [p for p in parts if "=" in p]
     if not 1 <= len(positional) <= 2 or parts[: len(positional)] != positional:
-        raise ValueError(f"{_SPEC_USAGE}; got copypaste:{rest}")
+        raise ValueError(f"{COPYPASTE_USAGE}; got copypaste:{rest}")
     try:
         seed = int(positional[0])
         length = int(positional[1]) if len(positional) > 1 else 1_000_000
     except ValueError as error:
-        raise ValueError(f"{_SPEC_USAGE}; got copypaste:{rest}") from error
+        raise ValueError(f"{COPYPASTE_USAGE}; got copypaste:{rest}") from error
     kwargs: dict[str, Any] = {}
     for option in options:
         key, _, value = option.partition("=")
@@ -628,5 +631,5 @@ def from_spec(rest: str) -> CopyPasteDataset:
                 raise ValueError(f"augment= needs 0 or 1, got {value!r}")
             kwargs["augment"] = value in ("1", "true")
         else:
-            raise ValueError(f"unknown copypaste option {key!r}; {_SPEC_USAGE}")
+            raise ValueError(f"unknown copypaste option {key!r}; {COPYPASTE_USAGE}")
     return CopyPasteDataset(seed, length, **kwargs)
