@@ -2,7 +2,7 @@
 
 Runs the shipped model's automatic mask generator candidates on the bundled example images and the
 first images of the procedural held-out split, replays the generator's filters for every threshold
-pair (:mod:`linmix.sam.auto_defaults`) and prints the table; ``--write`` stores the chosen pair in
+pair (:mod:`linmix.sam.auto_calibration`) and prints the table; ``--write`` stores the chosen pair in
 ``<weights>.auto_masks.json``, which ``linmix sam auto`` and the automatic mask generator then use::
 
     python benchmarks/sam_auto_calibration.py --save-scores scores.npz        # ~25 min of model time on 2 cores
@@ -16,13 +16,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from linmix.sam.auto_defaults import (
-    CandidateScores,
-    candidate_scores,
-    choose_thresholds,
-    generator_outcome,
-    write_automatic_mask_defaults,
-)
+from linmix.sam.auto_calibration import CandidateScores, candidate_scores, choose_thresholds, generator_outcome
+from linmix.sam.auto_defaults import write_automatic_mask_defaults
 
 _COLUMNS = ("predicted_iou", "stability", "boxes", "truth_iou")
 

@@ -10,14 +10,11 @@ import pytest
 
 import linmix.segment
 from linmix.cli import main
+from linmix.sam.auto_calibration import CandidateScores, candidate_scores, choose_thresholds, generator_outcome
 from linmix.sam.auto_defaults import (
     SAM_AUTOMATIC_MASK_DEFAULTS,
-    CandidateScores,
     automatic_mask_defaults_for,
     automatic_mask_sidecar_path,
-    candidate_scores,
-    choose_thresholds,
-    generator_outcome,
     read_automatic_mask_defaults,
     write_automatic_mask_defaults,
 )
