@@ -47,9 +47,15 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._checks import accumulation_dtype, require_positive_int, require_shape
+from linmix.ops import dispatch, native
 
-__all__ = ["selective_scan", "selective_scan_reference", "selective_scan_step"]
+from ._checks import accumulation_dtype, require_positive_int, require_shape, tracing_or_exporting
+
+__all__ = [
+    "BIDIRECTIONAL_DIRECTIONS", "CROSS_SCAN_DIRECTIONS", "SCAN_DIRECTIONS", "cross_scan_selective_scan",
+    "cross_scan_selective_scan_reference", "from_scan_order", "native_cross_scan_applies", "selective_scan",
+    "selective_scan_reference", "selective_scan_step", "to_scan_order",
+]
 
 
 
@@ -151,6 +157,56 @@ def _default_chunk_size(length: int) -> int:
     return max(1, min(256, 2 ** round(math.log2(max(1.0, math.sqrt(length / 2))))))
 
 
+def _chunked_scan(u, delta, A, B, C, state, chunk_size):
+    """The chunked recurrence without skip or gate: ``u, delta [Bt, T, D]`` (delta already biased and
+    softplus'd), ``A`` broadcastable to ``[Bt, 1, D, N]`` (``[D, N]``, or one A per batch row),
+    ``B, C [Bt, T, N]``, ``state [Bt, D, N]`` or None -> ``(y [Bt, T, D], final state)``."""
+    batch, length, channels = u.shape
+    state_size = B.shape[-1]
+    chunk = min(chunk_size, length)
+    num_chunks = -(-length // chunk)
+    # Padding tokens have delta = 0 (decay 1) and zero input, so they leave the state unchanged.
+    delta_c = _to_chunks(delta, chunk, num_chunks)  # [L, B, nc, D]
+    input_c = _to_chunks(delta * u, chunk, num_chunks)  # [L, B, nc, D]
+    B_c = _to_chunks(B, chunk, num_chunks)  # [L, B, nc, N]
+    C_c = _to_chunks(C, chunk, num_chunks)[..., None]  # [L, B, nc, N, 1]
+
+    # 1. Every chunk from a zero state, all chunks at once.
+    h = None
+    outputs = []
+    for position in range(chunk):
+        update = input_c[position][..., None] * B_c[position][:, :, None, :]  # [B, nc, D, N]
+        if h is None:
+            h = update
+        else:
+            h = torch.addcmul(update, torch.exp(delta_c[position][..., None] * A), h)
+        outputs.append(torch.matmul(h, C_c[position]).squeeze(-1))
+    y = torch.stack(outputs, dim=0)  # [L, B, nc, D]
+
+    # 2. Carry the state across chunk boundaries; 3. add what each chunk inherits.
+    if num_chunks == 1 and state is None:
+        final = h[:, 0]
+    else:
+        # Cumulative log-decay from the chunk start, formed before the exp (all exponents <= 0 for A<0, delta>0).
+        elapsed = torch.cumsum(delta_c, dim=0)  # [L, B, nc, D]
+        chunk_decay = torch.exp(elapsed[-1][..., None] * A)  # [B, nc, D, N]
+        carried = state if state is not None else h.new_zeros(batch, channels, state_size)
+        starts = []
+        for index in range(num_chunks):
+            starts.append(carried)
+            carried = torch.addcmul(h[:, index], chunk_decay[:, index], carried)
+        final = carried
+        start_states = torch.stack(starts, dim=1)  # [B, nc, D, N]
+        inherited = [
+            torch.matmul(torch.exp(elapsed[position][..., None] * A) * start_states, C_c[position]).squeeze(-1)
+            for position in range(chunk)
+        ]
+        y = y + torch.stack(inherited, dim=0)
+
+    y = y.movedim(0, 2).reshape(batch, num_chunks * chunk, channels)[:, :length]
+    return y, final
+
+
 def selective_scan(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -195,47 +251,7 @@ def selective_scan(
             state = u.new_zeros(batch, channels, state_size)
         return (y, state) if return_final_state else y
 
-    chunk = min(chunk_size or _default_chunk_size(length), length)
-    num_chunks = -(-length // chunk)
-    # Padding tokens have delta = 0 (decay 1) and zero input, so they leave the state unchanged.
-    delta_c = _to_chunks(delta, chunk, num_chunks)  # [L, B, nc, D]
-    input_c = _to_chunks(delta * u, chunk, num_chunks)  # [L, B, nc, D]
-    B_c = _to_chunks(B, chunk, num_chunks)  # [L, B, nc, N]
-    C_c = _to_chunks(C, chunk, num_chunks)[..., None]  # [L, B, nc, N, 1]
-
-    # 1. Every chunk from a zero state, all chunks at once.
-    h = None
-    outputs = []
-    for position in range(chunk):
-        update = input_c[position][..., None] * B_c[position][:, :, None, :]  # [B, nc, D, N]
-        if h is None:
-            h = update
-        else:
-            h = torch.addcmul(update, torch.exp(delta_c[position][..., None] * A), h)
-        outputs.append(torch.matmul(h, C_c[position]).squeeze(-1))
-    y = torch.stack(outputs, dim=0)  # [L, B, nc, D]
-
-    # 2. Carry the state across chunk boundaries; 3. add what each chunk inherits.
-    if num_chunks == 1 and state is None:
-        final = h[:, 0]
-    else:
-        # Cumulative log-decay from the chunk start, formed before the exp (all exponents <= 0 for A<0, delta>0).
-        elapsed = torch.cumsum(delta_c, dim=0)  # [L, B, nc, D]
-        chunk_decay = torch.exp(elapsed[-1][..., None] * A)  # [B, nc, D, N]
-        carried = state if state is not None else h.new_zeros(batch, channels, state_size)
-        starts = []
-        for index in range(num_chunks):
-            starts.append(carried)
-            carried = torch.addcmul(h[:, index], chunk_decay[:, index], carried)
-        final = carried
-        start_states = torch.stack(starts, dim=1)  # [B, nc, D, N]
-        inherited = [
-            torch.matmul(torch.exp(elapsed[position][..., None] * A) * start_states, C_c[position]).squeeze(-1)
-            for position in range(chunk)
-        ]
-        y = y + torch.stack(inherited, dim=0)
-
-    y = y.movedim(0, 2).reshape(batch, num_chunks * chunk, channels)[:, :length]
+    y, final = _chunked_scan(u, delta, A, B, C, state, chunk_size or _default_chunk_size(length))
     y = _finish_output(y, u, D, z, dtype).to(out_dtype)
     return (y, final) if return_final_state else y
 
@@ -284,3 +300,234 @@ def selective_scan_step(
     y = _finish_output(y, u, D, z_t, dtype).to(out_dtype)
     return y, state
 
+
+
+# --------------------------------------------------------------------------------------------------
+# several scan directions over one 2D token grid (VMamba's cross-scan, Vim's bidirectional scan)
+
+#: The scan orders over a ``height x width`` grid whose tokens are stored row-major (token ``h * width + w``).
+SCAN_DIRECTIONS = ("row", "column", "row_reversed", "column_reversed")
+#: VMamba's SS2D: row-major, column-major and both reversed.
+CROSS_SCAN_DIRECTIONS = SCAN_DIRECTIONS
+#: Vim's bidirectional scan: the row-major sequence forward and backward.
+BIDIRECTIONAL_DIRECTIONS = ("row", "row_reversed")
+_DIRECTION_CODES = {name: index for index, name in enumerate(SCAN_DIRECTIONS)}  # the C and Triton kernels' codes
+
+
+def to_scan_order(x: torch.Tensor, direction: str, height: int, width: int) -> torch.Tensor:
+    """``x: [..., T, F]`` in row-major grid order -> the same tokens in ``direction``'s scan order."""
+    if direction.startswith("column"):
+        x = x.unflatten(-2, (height, width)).transpose(-3, -2).flatten(-3, -2)
+    return x.flip(-2) if direction.endswith("reversed") else x
+
+
+def from_scan_order(x: torch.Tensor, direction: str, height: int, width: int) -> torch.Tensor:
+    """The inverse of :func:`to_scan_order`: scan order -> row-major grid order."""
+    if direction.endswith("reversed"):
+        x = x.flip(-2)
+    if direction.startswith("column"):
+        x = x.unflatten(-2, (width, height)).transpose(-3, -2).flatten(-3, -2)
+    return x
+
+
+def _check_directions(directions) -> tuple[str, ...]:
+    directions = tuple(directions) if not isinstance(directions, str) else (directions,)
+    if not directions or any(d not in SCAN_DIRECTIONS for d in directions):
+        raise ValueError(f"directions must be a non-empty sequence of {SCAN_DIRECTIONS}, got {directions!r}")
+    return directions
+
+
+def _check_cross_inputs(u, delta, A, B, C, D, delta_bias, height, width, directions) -> tuple[int, int, int, int, int]:
+    """Validate the cross-scan layout; return (batch, length, channels, state_size, directions)."""
+    require_shape("u", u, "[B, T, D]", 3)
+    require_shape("A", A, "[K, D, N]", 3)
+    batch, length, channels = u.shape
+    count, state_size = len(directions), A.shape[2]
+    for name, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    if height * width != length:
+        raise ValueError(f"u must have shape [B, T, D] with T = height * width = {height} * {width}, got {tuple(u.shape)}")
+    sizes = {"[B, K, T, D]": (batch, count, length, channels), "[K, D, N]": (count, channels, state_size),
+             "[B, K, T, N]": (batch, count, length, state_size), "[K, D]": (count, channels)}
+    for name, tensor, layout in (("delta", delta, "[B, K, T, D]"), ("A", A, "[K, D, N]"), ("B", B, "[B, K, T, N]"),
+                                 ("C", C, "[B, K, T, N]"), ("D", D, "[K, D]"), ("delta_bias", delta_bias, "[K, D]")):
+        if tensor is None:
+            continue
+        require_shape(name, tensor, layout, len(sizes[layout]))
+        _require_size(name, tensor, f"{layout} (u: [B, T, D], K = {count} directions, A: [K, D, N])", sizes[layout])
+    return batch, length, channels, state_size, count
+
+
+def cross_scan_selective_scan_reference(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    *,
+    height: int,
+    width: int,
+    directions=CROSS_SCAN_DIRECTIONS,
+    delta_softplus: bool = False,
+) -> torch.Tensor:
+    """The oracle of :func:`cross_scan_selective_scan`: per direction, permute the inputs into scan
+    order, run :func:`selective_scan_reference`, permute back; sum over directions."""
+    directions = _check_directions(directions)
+    _check_cross_inputs(u, delta, A, B, C, D, delta_bias, height, width, directions)
+    dtype = _compute_dtype(u, delta, A, B, C, D, delta_bias)
+    y = None
+    for k, direction in enumerate(directions):
+        order = functools.partial(to_scan_order, direction=direction, height=height, width=width)
+        y_k = selective_scan_reference(order(u.to(dtype)), order(delta[:, k]), A[k], order(B[:, k]), order(C[:, k]),
+                                       None if D is None else D[k].to(dtype),
+                                       delta_bias=None if delta_bias is None else delta_bias[k], delta_softplus=delta_softplus)
+        y_k = from_scan_order(y_k, direction, height, width)
+        y = y_k if y is None else y + y_k
+    return y.to(u.dtype)
+
+
+def _doubling_scan(u, delta, A, B, C):
+    """The recurrence as a log-depth (Hillis-Steele) scan with no Python loop over tokens:
+    ``ceil(log2 T)`` rounds of ``h_t += a_t h_{t-s}, a_t *= a_{t-s}`` for s = 1, 2, 4, ...
+
+    Same arguments as :func:`_chunked_scan` (zero initial state) -> ``y [Bt, T, D]``. Does log2(T)
+    times the work of the scan, but its graph is a few slices, products and concatenations per
+    round, so it is the form for tracing and ONNX export (the chunked form unrolls about
+    2 sqrt(2T) Python steps into the graph). Decays are products of factors in (0, 1]: no overflow.
+    """
+    length = u.shape[1]
+    decay = torch.exp(delta[..., None] * A)  # [Bt, T, D, N]
+    h = (delta * u)[..., None] * B[:, :, None, :]
+    shift = 1
+    while shift < length:
+        h = torch.cat([h[:, :shift], torch.addcmul(h[:, shift:], decay[:, shift:], h[:, :-shift])], dim=1)
+        if 2 * shift < length:
+            decay = torch.cat([decay[:, :shift], decay[:, shift:] * decay[:, :-shift]], dim=1)
+        shift *= 2
+    return torch.matmul(h, C[..., None]).squeeze(-1)
+
+
+def _cross_scan_torch(u, delta, A, B, C, D, delta_bias, height, width, directions, delta_softplus, form, chunk_size):
+    """Every direction's sequence at once: the K permuted copies are folded into the batch (one A per row)."""
+    batch, length, channels = u.shape
+    count, state_size = len(directions), A.shape[2]
+    dtype = _compute_dtype(u, delta, A, B, C, D, delta_bias)
+
+    def stacked(x, per_direction):  # [B, K, T, F] (or the shared [B, T, F]) -> [B * K, T, F] in scan order
+        parts = [to_scan_order(x[:, k] if per_direction else x, d, height, width) for k, d in enumerate(directions)]
+        return torch.stack(parts, dim=1).flatten(0, 1)
+
+    u_all = stacked(u.to(dtype), False)
+    bias = None if delta_bias is None else delta_bias.to(dtype).repeat(batch, 1)[:, None, :]  # [B * K, 1, D]
+    delta_all = _prepare_delta(stacked(delta, True), bias, delta_softplus, dtype)
+    A_all = A.to(dtype)[None].expand(batch, -1, -1, -1).flatten(0, 1)[:, None]  # [B * K, 1, D, N]
+    B_all, C_all = stacked(B.to(dtype), True), stacked(C.to(dtype), True)
+    if form == "doubling":
+        y = _doubling_scan(u_all, delta_all, A_all, B_all, C_all)
+    else:
+        y, _ = _chunked_scan(u_all, delta_all, A_all, B_all, C_all, None, chunk_size or _default_chunk_size(length))
+    if D is not None:
+        y = torch.addcmul(y, u_all, D.to(dtype).repeat(batch, 1)[:, None, :])
+    y = y.unflatten(0, (batch, count))
+    merged = None
+    for k, direction in enumerate(directions):
+        y_k = from_scan_order(y[:, k], direction, height, width)
+        merged = y_k if merged is None else merged + y_k
+    return merged
+
+
+def _native_value_reasons(delta, A, delta_bias, delta_softplus) -> list[str]:
+    """The kernel's exponential is for non-positive arguments: it needs ``A <= 0`` (Mamba's
+    ``A = -exp(A_log)``) and step sizes >= 0 (always so after softplus)."""
+    reasons = [] if bool((A <= 0).all()) else ["A <= 0"]
+    if not delta_softplus and not bool(((delta if delta_bias is None else delta + delta_bias[:, None]) >= 0).all()):
+        reasons.append("delta + delta_bias >= 0 (or delta_softplus=True)")
+    return reasons
+
+
+def native_cross_scan_applies(u, delta, A, B, C, D=None, delta_bias=None, *, delta_softplus: bool = True) -> bool:
+    """Whether ``cross_scan_selective_scan(..., backend="auto")`` runs the native C kernel on these
+    inputs: fp32 CPU, no autograd, not tracing, LINMIX_FORCE_REFERENCE unset, the kernels built,
+    ``A <= 0`` and non-negative step sizes."""
+    tensors = [t for t in (u, delta, A, B, C, D, delta_bias) if t is not None]
+    return native.usable(*tensors) and not _native_value_reasons(delta, A, delta_bias, delta_softplus)
+
+
+def cross_scan_selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    *,
+    height: int,
+    width: int,
+    directions=CROSS_SCAN_DIRECTIONS,
+    delta_softplus: bool = False,
+    backend: str = "auto",
+    form: str = "auto",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """K selective scans over one ``height x width`` token grid in K orders, summed: VMamba's
+    cross-scan + S6 + cross-merge in one call.
+
+    Every tensor stays in row-major GRID order; the scan order is the kernel's business, so no
+    permuted copy of the map is made on the native and Triton paths.
+
+    Args:
+        u: ``[B, T, D]`` with ``T = height * width``, row-major (token ``h * width + w``): the input
+            shared by all directions.
+        delta: ``[B, K, T, D]``: direction k's step size at grid token t (not at scan step t).
+        A: ``[K, D, N]``; B, C: ``[B, K, T, N]`` (grid order); D, delta_bias: ``[K, D]``.
+        directions: K names from :data:`SCAN_DIRECTIONS` (default the four of
+            :data:`CROSS_SCAN_DIRECTIONS`; :data:`BIDIRECTIONAL_DIRECTIONS` for Vim's scan).
+        delta_softplus: ``delta = softplus(delta + delta_bias)`` (as Mamba).
+        backend: "auto" (the Triton kernel for CUDA tensors; the native C kernel for fp32 CPU inference
+            outside autograd and tracing, see :func:`native_cross_scan_applies`; else torch), "torch",
+            "native" or "triton" (forced; an error where it cannot run).
+        form: torch backend only: "chunked" (:func:`selective_scan`'s two-level recurrence, the
+            training path), "doubling" (a log-depth scan with no token loop: the tracing/ONNX form),
+            or "auto" (doubling while tracing or exporting, chunked otherwise).
+        chunk_size: tokens per chunk of the chunked form.
+
+    Returns:
+        ``y: [B, T, D]`` in ``u.dtype``, grid order: ``sum_k (scan_k(...) + D_k * u)``, computed in
+        fp32 (fp64 for fp64 inputs). Differentiable on the torch and Triton paths.
+    """
+    dispatch.check_backend(backend, ("auto", "torch", "native", "triton"))
+    if form not in ("auto", "chunked", "doubling"):
+        raise ValueError(f"form must be 'auto', 'chunked' or 'doubling', got {form!r}")
+    directions = _check_directions(directions)
+    if chunk_size is not None:
+        require_positive_int("chunk_size", chunk_size)
+    batch, length, channels, _, _ = _check_cross_inputs(u, delta, A, B, C, D, delta_bias, height, width, directions)
+    tensors = [t for t in (u, delta, A, B, C, D, delta_bias) if t is not None]
+    if length == 0:
+        return u.new_zeros(batch, 0, channels)
+    half_or_single = all(t.dtype in (torch.float32, torch.bfloat16, torch.float16) for t in tensors)
+    if backend != "native" and dispatch.use_triton(backend, *tensors, eligible=half_or_single,
+                                                   why_not="fp32 or half-precision inputs"):
+        from linmix.ops.triton.selective_scan import cross_scan_selective_scan_triton
+
+        return cross_scan_selective_scan_triton(u, delta, A, B, C, D, delta_bias, height=height, width=width,
+                                                directions=directions, delta_softplus=delta_softplus)
+    if backend == "native":
+        reasons = native.ineligible(*tensors) + _native_value_reasons(delta, A, delta_bias, delta_softplus)
+        if reasons:
+            raise ValueError("backend='native' needs " + ", ".join(reasons))
+        if not native.available():
+            raise RuntimeError(f"backend='native' requested but the native CPU kernels are unavailable: {native.unavailable_reason()}")
+    if backend == "native" or (backend == "auto" and native_cross_scan_applies(u, delta, A, B, C, D, delta_bias,
+                                                                          delta_softplus=delta_softplus)):
+        codes = [_DIRECTION_CODES[d] for d in directions]
+        return native.cross_selective_scan_native(u, delta, A, B, C, D, delta_bias, height=height, width=width,
+                                                  directions=codes, delta_softplus=delta_softplus)
+    if form == "auto":
+        form = "doubling" if tracing_or_exporting(*tensors) else "chunked"
+    y = _cross_scan_torch(u, delta, A, B, C, D, delta_bias, height, width, directions, delta_softplus, form, chunk_size)
+    return y.to(u.dtype)

@@ -1,0 +1,123 @@
+/* Mamba-1 selective scans over a 2D token grid in several orders, summed (VMamba's cross-scan),
+ * for CPU inference (see linmix/ops/native/__init__.py and linmix.ops.selective_scan).
+ *
+ * For one batch element, every tensor is in row-major GRID order (token p = h * width + w):
+ *   u[p, c], y[p, c]                       layout [T, channels], contiguous
+ *   delta[k, p, c]  at delta + k * delta_stride_dir + p * delta_stride_token + c
+ *   B[k, p, n], C[k, p, n]  at B + k * bc_stride_dir + p * bc_stride_token + n  (same strides for C)
+ *   A[k, c, n] (A <= 0), skip[k, c] (or NULL), delta_bias[k, c] (or NULL), directions[k] in
+ *   {0 row, 1 column, 2 row reversed, 3 column reversed}.
+ * Direction k visits the grid in its order; at its l-th step, token p = position(k, l):
+ *   dt    = softplus(delta[k, p] + delta_bias[k])      (softplus only when asked)
+ *   h     = exp(dt * A[k]) * h + dt * u[p] * B[k, p]   (per channel c and state n; h starts at 0)
+ *   y[p] += <h, C[k, p]> + skip[k] * u[p]
+ * The directions' outputs are summed in place into y (the first one writes).
+ *
+ * Work order: channels [c0, c1) are cut into blocks of `block` channels; per block, direction after
+ * direction runs over all T tokens with the block's state h[N][block] and A[N][block] held in L1
+ * (channel-contiguous, so the inner loops over channels vectorise). The block's columns of u and y
+ * (T * block floats each) stay in L2 from one direction to the next; delta, B and C are read once.
+ * No permuted copy of any tensor is made: the column-major orders just read rows `width` apart.
+ *
+ * Returns 0, or 1 when the work buffers cannot be allocated.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "fast_math.h"
+
+/* log(1 + e) for e in [0, 1], branch-free and accurate for tiny e: 2 atanh(s) with s = e / (2 + e)
+ * in [0, 1/3], odd series to s^15 (truncation below 1e-8 relative). */
+static inline float log1p_unit(float e) {
+    const float s = e / (2.0f + e), s2 = s * s;
+    float p = 1.0f / 15.0f;
+    p = p * s2 + 1.0f / 13.0f;
+    p = p * s2 + 1.0f / 11.0f;
+    p = p * s2 + 1.0f / 9.0f;
+    p = p * s2 + 1.0f / 7.0f;
+    p = p * s2 + 1.0f / 5.0f;
+    p = p * s2 + 1.0f / 3.0f;
+    p = p * s2 + 1.0f;
+    return 2.0f * s * p;
+}
+
+/* softplus(x) = max(x, 0) + log(1 + exp(-|x|)), exact for any x (no overflow, no threshold). */
+static inline float softplus(float x) {
+    const float negative_abs = x < 0.0f ? x : -x;
+    return (x > 0.0f ? x : 0.0f) + log1p_unit(linmix_exp_nonpositive(negative_abs));
+}
+
+static inline int64_t grid_position(int64_t direction, int64_t step, int64_t length, int64_t height, int64_t width) {
+    const int64_t l = direction >= 2 ? length - 1 - step : step;
+    if (direction == 1 || direction == 3) return (l % height) * width + l / height; /* l = w * height + h */
+    return l;
+}
+
+enum { MAX_BLOCK = 128 };
+
+int linmix_cross_selective_scan_f32(const float *restrict u, const float *restrict delta, const float *restrict A,
+                                    const float *restrict B, const float *restrict C, const float *restrict skip,
+                                    const float *restrict delta_bias, const int64_t *restrict directions,
+                                    float *restrict y, int64_t count, int64_t height, int64_t width,
+                                    int64_t channels, int64_t state_size, int64_t delta_stride_dir,
+                                    int64_t delta_stride_token, int64_t bc_stride_dir, int64_t bc_stride_token,
+                                    int64_t apply_softplus, int64_t c0, int64_t c1, int64_t block) {
+    const int64_t length = height * width, N = state_size;
+    if (c1 <= c0 || length <= 0 || count <= 0) return 0;
+    if (block <= 0 || block > MAX_BLOCK) block = MAX_BLOCK;
+    float *state = malloc(sizeof(float) * 2 * (size_t)(N * block)); /* h[N][block], then A[N][block] */
+    if (!state) return 1;
+    float *restrict h = state, *restrict a = state + N * block;
+    float dt[MAX_BLOCK], du[MAX_BLOCK], acc[MAX_BLOCK], bias[MAX_BLOCK], d_skip[MAX_BLOCK];
+
+    for (int64_t cb = c0; cb < c1; cb += block) {
+        const int64_t nb = cb + block < c1 ? block : c1 - cb;
+        for (int64_t k = 0; k < count; ++k) {
+            const int64_t direction = directions[k];
+            for (int64_t n = 0; n < N; ++n)
+                for (int64_t c = 0; c < nb; ++c) {
+                    a[n * block + c] = A[(k * channels + cb + c) * N + n];
+                    h[n * block + c] = 0.0f;
+                }
+            for (int64_t c = 0; c < nb; ++c) {
+                bias[c] = delta_bias ? delta_bias[k * channels + cb + c] : 0.0f;
+                d_skip[c] = skip ? skip[k * channels + cb + c] : 0.0f;
+            }
+            const float *restrict delta_k = delta + k * delta_stride_dir + cb;
+            const float *restrict B_k = B + k * bc_stride_dir, *restrict C_k = C + k * bc_stride_dir;
+            for (int64_t step = 0; step < length; ++step) {
+                const int64_t p = grid_position(direction, step, length, height, width);
+                const float *restrict dp = delta_k + p * delta_stride_token, *restrict up = u + p * channels + cb;
+                const float *restrict bp = B_k + p * bc_stride_token, *restrict cp = C_k + p * bc_stride_token;
+                if (apply_softplus) {
+                    for (int64_t c = 0; c < nb; ++c) dt[c] = softplus(dp[c] + bias[c]);
+                } else {
+                    for (int64_t c = 0; c < nb; ++c) dt[c] = dp[c] + bias[c];
+                }
+                for (int64_t c = 0; c < nb; ++c) {
+                    du[c] = dt[c] * up[c];
+                    acc[c] = d_skip[c] * up[c];
+                }
+                for (int64_t n = 0; n < N; ++n) {
+                    const float bn = bp[n], cn = cp[n];
+                    float *restrict hn = h + n * block;
+                    const float *restrict an = a + n * block;
+                    for (int64_t c = 0; c < nb; ++c) {
+                        const float next = linmix_exp_nonpositive(dt[c] * an[c]) * hn[c] + du[c] * bn;
+                        hn[c] = next;
+                        acc[c] += next * cn;
+                    }
+                }
+                float *restrict yp = y + p * channels + cb;
+                if (k == 0) {
+                    for (int64_t c = 0; c < nb; ++c) yp[c] = acc[c];
+                } else {
+                    for (int64_t c = 0; c < nb; ++c) yp[c] += acc[c];
+                }
+            }
+        }
+    }
+    free(state);
+    return 0;
+}
