@@ -9,6 +9,7 @@ from linmix.layers.mlp import GatedMLP
 from linmix.layers.norm import RMSNorm
 from linmix.layers.rwkv import RWKVTimeMix
 from linmix.layers.rwkv5 import RWKV5State, RWKV5TimeMix
+from linmix.layers.vision_mamba import SS2D, VisionMambaBlock
 
 __all__ = [
     "BaseConv",
@@ -24,6 +25,8 @@ __all__ = [
     "RWKV5State",
     "RWKV5TimeMix",
     "RWKVTimeMix",
+    "SS2D",
     "ShortConvolution",
     "SlidingWindowAttention",
+    "VisionMambaBlock",
 ]

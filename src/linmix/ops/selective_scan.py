@@ -53,7 +53,7 @@ from ._checks import accumulation_dtype, require_positive_int, require_shape, tr
 
 __all__ = [
     "BIDIRECTIONAL_DIRECTIONS", "CROSS_SCAN_DIRECTIONS", "SCAN_DIRECTIONS", "cross_scan_selective_scan",
-    "cross_scan_selective_scan_reference", "from_scan_order", "native_cross_scan_applies", "selective_scan",
+    "cross_scan_selective_scan_reference", "from_scan_order", "native_cross_scan_applies", "scan_order_table", "selective_scan",
     "selective_scan_reference", "selective_scan_step", "to_scan_order",
 ]
 
@@ -311,7 +311,7 @@ SCAN_DIRECTIONS = ("row", "column", "row_reversed", "column_reversed")
 CROSS_SCAN_DIRECTIONS = SCAN_DIRECTIONS
 #: Vim's bidirectional scan: the row-major sequence forward and backward.
 BIDIRECTIONAL_DIRECTIONS = ("row", "row_reversed")
-_DIRECTION_CODES = {name: index for index, name in enumerate(SCAN_DIRECTIONS)}  # the C and Triton kernels' codes
+_DIRECTION_CODES = {name: index for index, name in enumerate(SCAN_DIRECTIONS)}  # the Triton kernel's codes
 
 
 def to_scan_order(x: torch.Tensor, direction: str, height: int, width: int) -> torch.Tensor:
@@ -328,6 +328,17 @@ def from_scan_order(x: torch.Tensor, direction: str, height: int, width: int) ->
     if direction.startswith("column"):
         x = x.unflatten(-2, (width, height)).transpose(-3, -2).flatten(-3, -2)
     return x
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_order_table(directions: tuple[str, ...], height: int, width: int) -> torch.Tensor:
+    grid = torch.arange(height * width, dtype=torch.int64).view(1, -1, 1)
+    return torch.stack([to_scan_order(grid, d, height, width).flatten() for d in directions])
+
+
+def scan_order_table(directions, height: int, width: int) -> torch.Tensor:
+    """``[K, T]`` int64: row k lists the grid tokens in direction k's scan order (the native kernel's input)."""
+    return _cached_order_table(_check_directions(directions), height, width)
 
 
 def _check_directions(directions) -> tuple[str, ...]:
@@ -524,9 +535,8 @@ def cross_scan_selective_scan(
             raise RuntimeError(f"backend='native' requested but the native CPU kernels are unavailable: {native.unavailable_reason()}")
     if backend == "native" or (backend == "auto" and native_cross_scan_applies(u, delta, A, B, C, D, delta_bias,
                                                                           delta_softplus=delta_softplus)):
-        codes = [_DIRECTION_CODES[d] for d in directions]
-        return native.cross_selective_scan_native(u, delta, A, B, C, D, delta_bias, height=height, width=width,
-                                                  directions=codes, delta_softplus=delta_softplus)
+        return native.cross_selective_scan_native(u, delta, A, B, C, D, delta_bias, order=scan_order_table(directions, height, width),
+                                                  delta_softplus=delta_softplus)
     if form == "auto":
         form = "doubling" if tracing_or_exporting(*tensors) else "chunked"
     y = _cross_scan_torch(u, delta, A, B, C, D, delta_bias, height, width, directions, delta_softplus, form, chunk_size)

@@ -36,6 +36,7 @@ from torch.utils.checkpoint import checkpoint
 
 from linmix.ops._checks import require_positive_int, require_shape, tracing_or_exporting
 from linmix.layers.rwkv import rwkv_fancy_init
+from linmix.layers.vision_mamba import VISION_MAMBA_MIXERS, VisionMambaBlock
 from linmix.ops import native
 from linmix.ops.wkv import bi_wkv, native_bi_wkv_applies
 from linmix.sam.common import LayerNorm2d, conv2d_gelu  # SAM's channels-first LayerNorm (eps 1e-6), shared with the decoder
@@ -83,7 +84,7 @@ BACKBONE_VARIANTS: dict[str, BackboneVariant] = {
     "base": BackboneVariant(128, 128, 256, 768),
     "large": BackboneVariant(160, 160, 320, 1024),
 }
-TOKEN_MIXERS = ("rwkv", "attention")
+TOKEN_MIXERS = ("rwkv", "attention", "mamba", "mamba_bi")
 
 
 def _check_layer_index(layer_id, depth) -> None:
@@ -485,8 +486,9 @@ class RwkvSamBackbone(nn.Module):
     """Conv stem and stages, then 14 token blocks: ``x [B, 3, H, W] -> BackboneFeatures``.
 
     ``variant``: one of :data:`BACKBONE_VARIANTS` (tiny, small, base, large). ``token_mixer``: "rwkv"
-    (Vision-RWKV blocks, the paper's model) or "attention" (global self-attention, the same-scale
-    transformer baseline). ``drop_path_rate`` rises linearly from 0 over the token blocks.
+    (Vision-RWKV blocks, the paper's model), "attention" (global self-attention, the same-scale
+    transformer baseline), "mamba" (VMamba's SS2D) or "mamba_bi" (a Vim-style bidirectional scan),
+    see :mod:`linmix.layers.vision_mamba`. ``drop_path_rate`` rises linearly from 0 over the token blocks.
     ``gradient_checkpointing = True`` recomputes each token block in backward (training at 1024^2).
     """
 
@@ -526,6 +528,12 @@ class RwkvSamBackbone(nn.Module):
         if token_mixer == "rwkv":
             blocks = [
                 VRWKVBlock(config.token_width, i, depth, mlp_ratio=mlp_ratio, layer_scale_init=layer_scale_init, drop_path=rates[i])
+                for i in range(depth)
+            ]
+        elif token_mixer in VISION_MAMBA_MIXERS:
+            blocks = [
+                VisionMambaBlock(config.token_width, mlp_ratio=mlp_ratio, layer_scale_init=layer_scale_init, drop_path=rates[i],
+                                 **VISION_MAMBA_MIXERS[token_mixer])
                 for i in range(depth)
             ]
         else:

@@ -5,9 +5,10 @@
  *   u[p, c], y[p, c]                       layout [T, channels], contiguous
  *   delta[k, p, c]  at delta + k * delta_stride_dir + p * delta_stride_token + c
  *   B[k, p, n], C[k, p, n]  at B + k * bc_stride_dir + p * bc_stride_token + n  (same strides for C)
- *   A[k, c, n] (A <= 0), skip[k, c] (or NULL), delta_bias[k, c] (or NULL), directions[k] in
- *   {0 row, 1 column, 2 row reversed, 3 column reversed}.
- * Direction k visits the grid in its order; at its l-th step, token p = position(k, l):
+ *   A[k, c, n] (A <= 0), skip[k, c] (or NULL), delta_bias[k, c] (or NULL),
+ *   order[k, l]: the grid token that direction k visits at its l-th step (a permutation of 0..T-1;
+ *   a table rather than index arithmetic: no division per step, and any order works).
+ * Direction k visits the grid in its order; at its l-th step, token p = order[k, l]:
  *   dt    = softplus(delta[k, p] + delta_bias[k])      (softplus only when asked)
  *   h     = exp(dt * A[k]) * h + dt * u[p] * B[k, p]   (per channel c and state n; h starts at 0)
  *   y[p] += <h, C[k, p]> + skip[k] * u[p]
@@ -48,22 +49,16 @@ static inline float softplus(float x) {
     return (x > 0.0f ? x : 0.0f) + log1p_unit(linmix_exp_nonpositive(negative_abs));
 }
 
-static inline int64_t grid_position(int64_t direction, int64_t step, int64_t length, int64_t height, int64_t width) {
-    const int64_t l = direction >= 2 ? length - 1 - step : step;
-    if (direction == 1 || direction == 3) return (l % height) * width + l / height; /* l = w * height + h */
-    return l;
-}
-
-enum { MAX_BLOCK = 128 };
+enum { MAX_BLOCK = 1024 };
 
 int linmix_cross_selective_scan_f32(const float *restrict u, const float *restrict delta, const float *restrict A,
                                     const float *restrict B, const float *restrict C, const float *restrict skip,
-                                    const float *restrict delta_bias, const int64_t *restrict directions,
-                                    float *restrict y, int64_t count, int64_t height, int64_t width,
+                                    const float *restrict delta_bias, const int64_t *restrict order,
+                                    float *restrict y, int64_t count, int64_t length,
                                     int64_t channels, int64_t state_size, int64_t delta_stride_dir,
                                     int64_t delta_stride_token, int64_t bc_stride_dir, int64_t bc_stride_token,
                                     int64_t apply_softplus, int64_t c0, int64_t c1, int64_t block) {
-    const int64_t length = height * width, N = state_size;
+    const int64_t N = state_size;
     if (c1 <= c0 || length <= 0 || count <= 0) return 0;
     if (block <= 0 || block > MAX_BLOCK) block = MAX_BLOCK;
     float *state = malloc(sizeof(float) * 2 * (size_t)(N * block)); /* h[N][block], then A[N][block] */
@@ -74,7 +69,7 @@ int linmix_cross_selective_scan_f32(const float *restrict u, const float *restri
     for (int64_t cb = c0; cb < c1; cb += block) {
         const int64_t nb = cb + block < c1 ? block : c1 - cb;
         for (int64_t k = 0; k < count; ++k) {
-            const int64_t direction = directions[k];
+            const int64_t *restrict order_k = order + k * length;
             for (int64_t n = 0; n < N; ++n)
                 for (int64_t c = 0; c < nb; ++c) {
                     a[n * block + c] = A[(k * channels + cb + c) * N + n];
@@ -87,7 +82,7 @@ int linmix_cross_selective_scan_f32(const float *restrict u, const float *restri
             const float *restrict delta_k = delta + k * delta_stride_dir + cb;
             const float *restrict B_k = B + k * bc_stride_dir, *restrict C_k = C + k * bc_stride_dir;
             for (int64_t step = 0; step < length; ++step) {
-                const int64_t p = grid_position(direction, step, length, height, width);
+                const int64_t p = order_k[step];
                 const float *restrict dp = delta_k + p * delta_stride_token, *restrict up = u + p * channels + cb;
                 const float *restrict bp = B_k + p * bc_stride_token, *restrict cp = C_k + p * bc_stride_token;
                 if (apply_softplus) {
