@@ -136,10 +136,10 @@ class SS2D(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """VMamba's init: linears trunc_normal(0.02); x_proj U(+-E^-1/2); dt_proj U(+-R^-1/2) with a bias
+        """VMamba's init: linears normal(0.02) (VMamba's trunc_normal cuts at +-2 absolute, 100 std: the same); x_proj U(+-E^-1/2); dt_proj U(+-R^-1/2) with a bias
         whose softplus is log-uniform in [dt_min, dt_max]; A_log[:, n] = log(n + 1); D = 1; conv: PyTorch's."""
         for linear in (self.in_proj, self.out_proj):
-            nn.init.trunc_normal_(linear.weight, std=0.02)
+            nn.init.normal_(linear.weight, std=0.02)
         self.conv2d.reset_parameters()
         nn.init.uniform_(self.x_proj_weight, -self.inner_dim ** -0.5, self.inner_dim ** -0.5)
         nn.init.uniform_(self.dt_projs_weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
@@ -194,8 +194,8 @@ class GeluMlp(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
-        for linear in (self.fc1, self.fc2):
-            nn.init.trunc_normal_(linear.weight, std=0.02)
+        for linear in (self.fc1, self.fc2):  # VMamba's trunc_normal(0.02) with +-2 bounds: a plain normal
+            nn.init.normal_(linear.weight, std=0.02)
             nn.init.zeros_(linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
