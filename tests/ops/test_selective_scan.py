@@ -372,3 +372,31 @@ def test_cross_scan_bad_inputs_raise(change, message):
         cross_scan_selective_scan(**inputs, height=5, width=7)
     with pytest.raises(ValueError, match="directions must be"):
         cross_scan_selective_scan(**make_grid_inputs(), height=5, width=7, directions=("row", "diagonal", "row", "row"))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("native", marks=needs_native)])
+def test_low_rank_delta_pair_equals_the_formed_delta(backend):
+    """delta given as Mamba's low-rank pair (dt_low [B, K, T, R], dt_weight [K, D, R]): the native kernel
+    forms each step itself; 150 channels = one full block of 128 and a partial one."""
+    batch, height, width, channels, rank, count = 2, 3, 7, 150, 5, 4
+    inputs = make_grid_inputs(batch, height, width, channels, 2)
+    projection = torch.randn(batch, height * width, count, rank + 3)
+    dt_low = projection[..., :rank].transpose(1, 2)  # a strided view, as SS2D passes it
+    dt_weight = torch.randn(count, channels, rank) * 0.3
+    inputs["delta"] = (dt_low, dt_weight)
+    y = cross_scan_selective_scan(**inputs, height=height, width=width, delta_softplus=True, backend=backend)
+    formed = {**inputs, "delta": torch.einsum("bktr,kdr->bktd", dt_low, dt_weight)}
+    assert_close_rms(y, grid_oracle(formed, height, width), TOLERANCE[torch.float32], backend)
+    reference = cross_scan_selective_scan_reference(**{k: v for k, v in inputs.items()}, height=height, width=width,
+                                                    delta_softplus=True)
+    assert_close_rms(y, reference, TOLERANCE[torch.float32], "reference with the pair")
+
+
+def test_low_rank_delta_pair_bad_shapes_raise():
+    inputs = make_grid_inputs()
+    inputs["delta"] = (torch.randn(2, 4, 35, 3), torch.randn(4, 24, 2))
+    with pytest.raises(ValueError, match=r"dt_low must have shape \[B, K, T, R\]"):
+        cross_scan_selective_scan(**inputs, height=5, width=7)
+    inputs["delta"] = (torch.randn(2, 4, 35, 3),)
+    with pytest.raises(ValueError, match="a pair"):
+        cross_scan_selective_scan(**inputs, height=5, width=7)

@@ -17,6 +17,8 @@ released code).
 The four scans run in ONE call of :func:`linmix.ops.selective_scan.cross_scan_selective_scan`, with
 every tensor in grid order: x_proj and dt_proj are per-token linears, so they are computed on the
 grid for all directions at once, and the scan kernel visits the grid in each direction's order.
+dt_proj is handed to the op as the low-rank pair (dt_low, weight): the native kernel forms each step
+size in registers instead of a [B, K, T, E] tensor.
 
 Defaults follow VMamba's released v2 models (``forward_type="v05_noz"``: ``ssm_ratio=2``,
 ``d_state=1``, no z gate, conv without bias, LayerNorm out_norm) rather than the v0 "vanilla" one
@@ -151,15 +153,15 @@ class SS2D(nn.Module):
         if isinstance(self.out_norm, nn.LayerNorm):
             self.out_norm.reset_parameters()
 
-    def scan_inputs(self, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The scan's per-direction inputs from ``u [B, T, E]`` (grid order): ``delta [B, K, T, E]``,
-        ``A [K, E, N]``, ``B, C [B, K, T, N]``, ``D, delta_bias [K, E]`` (B, C, delta are views)."""
+    def scan_inputs(self, u: torch.Tensor) -> tuple:
+        """The scan's per-direction inputs from ``u [B, T, E]`` (grid order): the low-rank step pair
+        ``(dt_low [B, K, T, R], dt_projs_weight [K, E, R])``, ``A [K, E, N]``, ``B, C [B, K, T, N]``,
+        ``D, delta_bias [K, E]`` (dt_low, B, C are views of one projection)."""
         count, rank, state = len(self.directions), self.dt_rank, self.d_state
         projected = F.linear(u, self.x_proj_weight.flatten(0, 1)).unflatten(-1, (count, rank + 2 * state))  # [B, T, K, R+2N]
-        dt_low, B, C = projected.split([rank, state, state], dim=-1)
-        delta = torch.einsum("btkr,ker->bkte", dt_low, self.dt_projs_weight)
+        dt_low, B, C = (part.transpose(1, 2) for part in projected.split([rank, state, state], dim=-1))
         A = -torch.exp(self.A_logs.float()).view(count, self.inner_dim, state)
-        return (delta, A, B.transpose(1, 2), C.transpose(1, 2), self.Ds.view(count, self.inner_dim),
+        return ((dt_low, self.dt_projs_weight), A, B, C, self.Ds.view(count, self.inner_dim),
                 self.dt_projs_bias.view(count, self.inner_dim))
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -370,6 +370,27 @@ def _check_cross_inputs(u, delta, A, B, C, D, delta_bias, height, width, directi
     return batch, length, channels, state_size, count
 
 
+def _delta_parts(delta) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``delta`` or the low-rank pair ``(dt_low [B, K, T, R], dt_weight [K, D, R])`` -> (delta, dt_low, dt_weight)."""
+    if isinstance(delta, (tuple, list)):
+        if len(delta) != 2 or not all(isinstance(t, torch.Tensor) for t in delta):
+            raise ValueError("delta must be a tensor [B, K, T, D] or a pair (dt_low [B, K, T, R], dt_weight [K, D, R])")
+        return None, delta[0], delta[1]
+    return delta, None, None
+
+
+def _check_low_rank(dt_low, dt_weight, batch, count, length, channels) -> None:
+    require_shape("dt_low", dt_low, "[B, K, T, R]", 4)
+    require_shape("dt_weight", dt_weight, "[K, D, R]", 3)
+    rank = dt_weight.shape[2]
+    _require_size("dt_low", dt_low, "[B, K, T, R] (u: [B, T, D], dt_weight: [K, D, R])", (batch, count, length, rank))
+    _require_size("dt_weight", dt_weight, "[K, D, R] (u: [B, T, D], K directions)", (count, channels, rank))
+
+
+def _full_delta(delta, dt_low, dt_weight) -> torch.Tensor:
+    return delta if dt_low is None else torch.einsum("bktr,kdr->bktd", dt_low, dt_weight)
+
+
 def cross_scan_selective_scan_reference(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -385,9 +406,14 @@ def cross_scan_selective_scan_reference(
     delta_softplus: bool = False,
 ) -> torch.Tensor:
     """The oracle of :func:`cross_scan_selective_scan`: per direction, permute the inputs into scan
-    order, run :func:`selective_scan_reference`, permute back; sum over directions."""
+    order, run :func:`selective_scan_reference`, permute back; sum over directions. ``delta`` may be
+    the low-rank pair, as in :func:`cross_scan_selective_scan`."""
     directions = _check_directions(directions)
-    _check_cross_inputs(u, delta, A, B, C, D, delta_bias, height, width, directions)
+    delta, dt_low, dt_weight = _delta_parts(delta)
+    batch, length, channels, _, count = _check_cross_inputs(u, delta, A, B, C, D, delta_bias, height, width, directions)
+    if dt_low is not None:
+        _check_low_rank(dt_low, dt_weight, batch, count, length, channels)
+        delta = _full_delta(delta, dt_low, dt_weight)
     dtype = _compute_dtype(u, delta, A, B, C, D, delta_bias)
     y = None
     for k, direction in enumerate(directions):
@@ -454,8 +480,10 @@ def _native_value_reasons(delta, A, delta_bias, delta_softplus) -> list[str]:
     """The kernel's exponential is for non-positive arguments: it needs ``A <= 0`` (Mamba's
     ``A = -exp(A_log)``) and step sizes >= 0 (always so after softplus)."""
     reasons = [] if bool((A <= 0).all()) else ["A <= 0"]
-    if not delta_softplus and not bool(((delta if delta_bias is None else delta + delta_bias[:, None]) >= 0).all()):
-        reasons.append("delta + delta_bias >= 0 (or delta_softplus=True)")
+    if not delta_softplus:
+        steps = _full_delta(*_delta_parts(delta))
+        if not bool(((steps if delta_bias is None else steps + delta_bias[:, None]) >= 0).all()):
+            reasons.append("delta + delta_bias >= 0 (or delta_softplus=True)")
     return reasons
 
 
@@ -463,7 +491,7 @@ def native_cross_scan_applies(u, delta, A, B, C, D=None, delta_bias=None, *, del
     """Whether ``cross_scan_selective_scan(..., backend="auto")`` runs the native C kernel on these
     inputs: fp32 CPU, no autograd, not tracing, LINMIX_FORCE_REFERENCE unset, the kernels built,
     ``A <= 0`` and non-negative step sizes."""
-    tensors = [t for t in (u, delta, A, B, C, D, delta_bias) if t is not None]
+    tensors = [t for t in (u, *(delta if isinstance(delta, (tuple, list)) else (delta,)), A, B, C, D, delta_bias) if t is not None]
     return native.usable(*tensors) and not _native_value_reasons(delta, A, delta_bias, delta_softplus)
 
 
@@ -493,7 +521,10 @@ def cross_scan_selective_scan(
     Args:
         u: ``[B, T, D]`` with ``T = height * width``, row-major (token ``h * width + w``): the input
             shared by all directions.
-        delta: ``[B, K, T, D]``: direction k's step size at grid token t (not at scan step t).
+        delta: ``[B, K, T, D]``: direction k's step size at grid token t (not at scan step t); or the
+            pair ``(dt_low [B, K, T, R], dt_weight [K, D, R])`` of Mamba's low-rank dt projection,
+            ``delta[b, k, t] = dt_weight[k] @ dt_low[b, k, t]``: the native kernel then forms each
+            step in registers and never stores the ``[B, K, T, D]`` tensor.
         A: ``[K, D, N]``; B, C: ``[B, K, T, N]`` (grid order); D, delta_bias: ``[K, D]``.
         directions: K names from :data:`SCAN_DIRECTIONS` (default the four of
             :data:`CROSS_SCAN_DIRECTIONS`; :data:`BIDIRECTIONAL_DIRECTIONS` for Vim's scan).
@@ -516,8 +547,11 @@ def cross_scan_selective_scan(
     directions = _check_directions(directions)
     if chunk_size is not None:
         require_positive_int("chunk_size", chunk_size)
-    batch, length, channels, _, _ = _check_cross_inputs(u, delta, A, B, C, D, delta_bias, height, width, directions)
-    tensors = [t for t in (u, delta, A, B, C, D, delta_bias) if t is not None]
+    delta, dt_low, dt_weight = _delta_parts(delta)
+    batch, length, channels, _, count = _check_cross_inputs(u, delta, A, B, C, D, delta_bias, height, width, directions)
+    if dt_low is not None:
+        _check_low_rank(dt_low, dt_weight, batch, count, length, channels)
+    tensors = [t for t in (u, delta, dt_low, dt_weight, A, B, C, D, delta_bias) if t is not None]
     if length == 0:
         return u.new_zeros(batch, 0, channels)
     half_or_single = all(t.dtype in (torch.float32, torch.bfloat16, torch.float16) for t in tensors)
@@ -525,19 +559,23 @@ def cross_scan_selective_scan(
                                                    why_not="fp32 or half-precision inputs"):
         from linmix.ops.triton.selective_scan import cross_scan_selective_scan_triton
 
-        return cross_scan_selective_scan_triton(u, delta, A, B, C, D, delta_bias, height=height, width=width,
+        return cross_scan_selective_scan_triton(u, _full_delta(delta, dt_low, dt_weight), A, B, C, D, delta_bias, height=height, width=width,
                                                 directions=directions, delta_softplus=delta_softplus)
     if backend == "native":
-        reasons = native.ineligible(*tensors) + _native_value_reasons(delta, A, delta_bias, delta_softplus)
+        reasons = native.ineligible(*tensors) + _native_value_reasons(
+            delta if dt_low is None else (dt_low, dt_weight), A, delta_bias, delta_softplus)
         if reasons:
             raise ValueError("backend='native' needs " + ", ".join(reasons))
         if not native.available():
             raise RuntimeError(f"backend='native' requested but the native CPU kernels are unavailable: {native.unavailable_reason()}")
-    if backend == "native" or (backend == "auto" and native_cross_scan_applies(u, delta, A, B, C, D, delta_bias,
-                                                                          delta_softplus=delta_softplus)):
-        return native.cross_selective_scan_native(u, delta, A, B, C, D, delta_bias, order=scan_order_table(directions, height, width),
-                                                  delta_softplus=delta_softplus)
+    if backend == "native" or (backend == "auto" and native_cross_scan_applies(
+            u, delta if dt_low is None else (dt_low, dt_weight), A, B, C, D, delta_bias, delta_softplus=delta_softplus)):
+        # With the low-rank pair, the kernel forms each step itself: delta is never stored.
+        return native.cross_selective_scan_native(u, delta if dt_low is None else dt_low, A, B, C, D, delta_bias,
+                                                  order=scan_order_table(directions, height, width),
+                                                  delta_softplus=delta_softplus, dt_weight=dt_weight)
     if form == "auto":
         form = "doubling" if tracing_or_exporting(*tensors) else "chunked"
-    y = _cross_scan_torch(u, delta, A, B, C, D, delta_bias, height, width, directions, delta_softplus, form, chunk_size)
+    y = _cross_scan_torch(u, _full_delta(delta, dt_low, dt_weight), A, B, C, D, delta_bias, height, width, directions,
+                          delta_softplus, form, chunk_size)
     return y.to(u.dtype)
