@@ -1,4 +1,7 @@
-"""Mamba-1 selective scan (S6): the reference, a chunked PyTorch fast path, and a one-token step.
+"""Mamba-1 selective scan (S6): the reference, a chunked PyTorch fast path, and a one-token step;
+and :func:`cross_scan_selective_scan`, K scans over one 2D token grid in different orders, summed
+(VMamba's cross-scan, Vim's bidirectional scan), with a native C kernel for CPU inference and a
+Triton kernel for CUDA (see its docstring and the section at the end of this file).
 
 Layout (one layout for the whole family; D = inner channels, N = state size per channel):
 
