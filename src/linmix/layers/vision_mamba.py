@@ -24,8 +24,9 @@ Defaults follow VMamba's released v2 models (``forward_type="v05_noz"``: ``ssm_r
 ``d_state=1``, no z gate, conv without bias, LayerNorm out_norm) rather than the v0 "vanilla" one
 (d_state 16, z gate, no MLP): with the RWKV-SAM block's ratio-2 MLP around it, this mixer makes a
 block within +3.2% of the Vision-RWKV block's parameters at every width (v0 would be +27 to +46%),
-and its d_state 1 keeps the scan about 1/40 of the block's work, so the block costs about what
-the RWKV block costs (spec sections 5 and 6).
+its linears cost what the RWKV block's do, and d_state 1 keeps the scan at about 2% of the block's
+arithmetic (d_state 16 would be about 25%); spec sections 5 and 6. Measured on CPU (1 thread,
+64 x 64 tokens, C = 384): Mamba block 140 ms, RWKV block 100 ms, the scan kernel 48 ms of it.
 
 :class:`VisionMambaBlock` puts a mixer in the RWKV-SAM block shell (pre-norm, LayerNorm eps 1e-6,
 layer scale, stochastic depth) with a GELU MLP (hidden = mlp_ratio * C, with biases, as VMamba's).

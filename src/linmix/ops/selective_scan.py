@@ -304,7 +304,6 @@ def selective_scan_step(
     return y, state
 
 
-
 # --------------------------------------------------------------------------------------------------
 # several scan directions over one 2D token grid (VMamba's cross-scan, Vim's bidirectional scan)
 
@@ -314,7 +313,6 @@ SCAN_DIRECTIONS = ("row", "column", "row_reversed", "column_reversed")
 CROSS_SCAN_DIRECTIONS = SCAN_DIRECTIONS
 #: Vim's bidirectional scan: the row-major sequence forward and backward.
 BIDIRECTIONAL_DIRECTIONS = ("row", "row_reversed")
-_DIRECTION_CODES = {name: index for index, name in enumerate(SCAN_DIRECTIONS)}  # the Triton kernel's codes
 
 
 def to_scan_order(x: torch.Tensor, direction: str, height: int, width: int) -> torch.Tensor:
@@ -352,7 +350,7 @@ def _check_directions(directions) -> tuple[str, ...]:
 
 
 def _check_cross_inputs(u, delta, A, B, C, D, delta_bias, height, width, directions) -> tuple[int, int, int, int, int]:
-    """Validate the cross-scan layout; return (batch, length, channels, state_size, directions)."""
+    """Validate the cross-scan layout; return (batch, length, channels, state_size, number of directions)."""
     require_shape("u", u, "[B, T, D]", 3)
     require_shape("A", A, "[K, D, N]", 3)
     batch, length, channels = u.shape
