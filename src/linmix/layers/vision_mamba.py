@@ -139,8 +139,9 @@ class SS2D(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """VMamba's init: linears normal(0.02) (VMamba's trunc_normal cuts at +-2 absolute, 100 std: the same); x_proj U(+-E^-1/2); dt_proj U(+-R^-1/2) with a bias
-        whose softplus is log-uniform in [dt_min, dt_max]; A_log[:, n] = log(n + 1); D = 1; conv: PyTorch's."""
+        """VMamba's init: linears normal(0.02) (VMamba's trunc_normal cuts at +-2 absolute, 100 std: the
+        same); x_proj U(+-E^-1/2); dt_proj U(+-R^-1/2) with a bias whose softplus is log-uniform in
+        [dt_min, dt_max]; A_log[:, n] = log(n + 1); D = 1; conv: PyTorch's."""
         for linear in (self.in_proj, self.out_proj):
             nn.init.normal_(linear.weight, std=0.02)
         self.conv2d.reset_parameters()

@@ -560,7 +560,8 @@ def cross_scan_selective_scan(
                                                    why_not="fp32 or half-precision inputs"):
         from linmix.ops.triton.selective_scan import cross_scan_selective_scan_triton
 
-        return cross_scan_selective_scan_triton(u, _full_delta(delta, dt_low, dt_weight), A, B, C, D, delta_bias, height=height, width=width,
+        return cross_scan_selective_scan_triton(u, _full_delta(delta, dt_low, dt_weight), A, B, C, D, delta_bias,
+                                                height=height, width=width,
                                                 directions=directions, delta_softplus=delta_softplus)
     if backend == "native":
         reasons = native.ineligible(*tensors) + _native_value_reasons(
@@ -568,7 +569,8 @@ def cross_scan_selective_scan(
         if reasons:
             raise ValueError("backend='native' needs " + ", ".join(reasons))
         if not native.available():
-            raise RuntimeError(f"backend='native' requested but the native CPU kernels are unavailable: {native.unavailable_reason()}")
+            raise RuntimeError("backend='native' requested but the native CPU kernels are unavailable: "
+                               + native.unavailable_reason())
     if backend == "native" or (backend == "auto" and native_cross_scan_applies(
             u, delta if dt_low is None else (dt_low, dt_weight), A, B, C, D, delta_bias, delta_softplus=delta_softplus)):
         # With the low-rank pair, the kernel forms each step itself: delta is never stored.

@@ -336,12 +336,16 @@ def cross_selective_scan_native(u: torch.Tensor, delta: torch.Tensor, A: torch.T
                                 delta_softplus: bool, dt_weight: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`linmix.ops.selective_scan.cross_scan_selective_scan` for fp32 CPU tensors, forward only.
 
-    ``u: [B, T, D]`` (grid order), ``delta: [B, K, T, D]``, ``A: [K, D, N]`` with ``delta * A <= 0`` after
-    the bias and softplus (the caller checks ``A <= 0``), ``B, C: [B, K, T, N]``, ``D, delta_bias: [K, D]``
-    or None; with ``dt_weight: [K, D, R]``, ``delta`` is the low-rank input ``[B, K, T, R]`` and the
-    step is ``dt_weight[k] @ delta[b, k, t]``, computed in the kernel (never stored); ``order: [K, T]`` int64, row k a permutation of ``0..T-1``: the grid token direction k
-    visits at each step (:func:`linmix.ops.selective_scan.scan_order_table`). Returns ``y: [B, T, D]`` fp32. Work is split over (batch, channel slice); each
-    call runs all K directions of its slice one after the other, summing into its own part of ``y``.
+    ``u: [B, T, D]`` (grid order), ``delta: [B, K, T, D]``, ``A: [K, D, N]`` with ``delta * A <= 0``
+    after the bias and softplus (the caller checks ``A <= 0``), ``B, C: [B, K, T, N]``,
+    ``D, delta_bias: [K, D]`` or None. With ``dt_weight: [K, D, R]``, ``delta`` is the low-rank input
+    ``[B, K, T, R]`` and the step is ``dt_weight[k] @ delta[b, k, t]``, formed in the kernel (never
+    stored). ``order: [K, T]`` int64, row k a permutation of ``0..T-1``: the grid token direction k
+    visits at each step (:func:`linmix.ops.selective_scan.scan_order_table`).
+
+    Returns ``y: [B, T, D]`` fp32. Work is split over (batch, channel slice); each call runs all K
+    directions of its slice one after the other, summing into its own part of ``y`` (no races, no
+    per-direction buffers, and the slice's columns of u and y stay in cache between directions).
     """
     library = _library()
     if u.dim() != 3 or order.dim() != 2 or order.shape[1] != u.shape[1] or order.dtype != torch.int64:
