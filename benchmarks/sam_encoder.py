@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """Image-encoder latency and memory on CPU: RWKV-SAM small vs the same-scale attention backbone vs
-SAM ViT-B, batch 1, random weights, measured side by side (interleaved) in one run. RWKV-SAM also
+the same-scale vision-Mamba backbone (VMamba's SS2D, ``token_mixer="mamba"``; with ``--mamba-bi``
+also the Vim-style bidirectional scan) vs SAM ViT-B, batch 1, random weights, measured side by side
+(interleaved) in one run. RWKV-SAM also
 runs a second time with linmix's native CPU kernels switched off (``LINMIX_FORCE_REFERENCE=1``,
 every op a PyTorch op), so the kernels' share of the gap is measured in the same run.
 
@@ -10,6 +12,7 @@ memory with the mmap threshold pinned low so that freed buffers leave the proces
 
     python benchmarks/sam_encoder.py                  # 512, 1024 and 2048 px
     python benchmarks/sam_encoder.py --sizes 512 1024 --repeats 3
+    python benchmarks/sam_encoder.py --sizes 1024 --mamba-bi --no-memory   # latency only, with mamba_bi
 
 SAM ViT-B comes from the `segment-anything` package (an optional peer: `pip install --no-deps
 segment-anything`); its package imports torchvision, which linmix does not need, so small stand-in
@@ -82,16 +85,21 @@ class TorchOpsOnly(torch.nn.Module):
 
 
 TORCH_OPS = "RWKV-SAM small, torch ops"
+MAMBA = "Mamba small"
+MAMBA_BI = "Mamba-bi small"
 
 
-def build_models():
+def build_models(mamba_bi: bool = False):
     torch.manual_seed(0)
     rwkv = RwkvSamImageEncoder("small", "rwkv").eval()
     models = {
         "RWKV-SAM small": rwkv,
         TORCH_OPS: TorchOpsOnly(rwkv),
         "attention small": RwkvSamImageEncoder("small", "attention").eval(),
+        MAMBA: RwkvSamImageEncoder("small", "mamba").eval(),
     }
+    if mamba_bi:
+        models[MAMBA_BI] = RwkvSamImageEncoder("small", "mamba_bi").eval()
     vit = sam_vit_b()
     if vit is not None:
         models["SAM ViT-B"] = vit
@@ -104,12 +112,12 @@ def competitors_at(models, size):
     return {name: m for name, m in models.items() if name != "SAM ViT-B" or size == 1024}
 
 
-def measure(phase: str, sizes, repeats: int) -> dict:
+def measure(phase: str, sizes, repeats: int, mamba_bi: bool = False) -> dict:
     """One phase in this process: ``time-default`` / ``time-tuned`` (median seconds, interleaved) or
     ``memory`` (peak extra resident MiB of one call; run with the mmap threshold pinned low)."""
     if phase == "time-tuned" and not tune_cpu_allocator():
         raise SystemExit("the tuned allocator needs Linux with glibc")
-    models = build_models()
+    models = build_models(mamba_bi)
     result = {"parameters": {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}, "rows": {}}
     for size in sizes:
         image = torch.randn(1, 3, size, size)
@@ -139,13 +147,16 @@ def run_phase(phase: str, args) -> dict:
     else:
         env.pop("MALLOC_MMAP_THRESHOLD_", None)
     command = [sys.executable, __file__, "--phase", phase, "--repeats", str(args.repeats), "--sizes", *map(str, args.sizes)]
+    if args.mamba_bi:
+        command.append("--mamba-bi")
     output = subprocess.run(command, env=env, check=True, stdout=subprocess.PIPE, text=True).stdout
     return json.loads(output)
 
 
 def table(results: dict, sizes, repeats: int) -> str:
-    params = {k: v for k, v in results["memory"]["parameters"].items() if k != TORCH_OPS}  # same weights as RWKV-SAM small
-    names = list(results["memory"]["parameters"])
+    counted = results.get("memory", results["time-default"])
+    params = {k: v for k, v in counted["parameters"].items() if k != TORCH_OPS}  # same weights as RWKV-SAM small
+    names = list(counted["parameters"])
     lines = [f"batch 1, random weights, {torch.get_num_threads()} threads, median of {repeats}; parameters: "
              + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in params.items()), "",
              "| image | allocator | RWKV-SAM small | RWKV-SAM small, torch ops | attention small | SAM ViT-B "
@@ -164,6 +175,17 @@ def table(results: dict, sizes, repeats: int) -> str:
             lines.append(f"| {size} px | {allocator} | {fmt_s(row, 'RWKV-SAM small')} | {fmt_s(row, TORCH_OPS)} | "
                          f"{fmt_s(row, 'attention small')} | {fmt_s(row, 'SAM ViT-B')} | {ratio(row, 'attention small')} | "
                          f"{ratio(row, 'attention small', TORCH_OPS)} | {ratio(row, 'SAM ViT-B')} |")
+    mambas = [name for name in (MAMBA, MAMBA_BI) if name in names]
+    if mambas:
+        lines += ["", "| image | allocator | " + " | ".join(f"{m} | {m} / RWKV | {m} / attention" for m in mambas) + " |",
+                  "|---|---|" + "---|---|---|" * len(mambas)]
+        for size in sizes:
+            for allocator in ALLOCATORS:
+                row = results[f"time-{allocator}"]["rows"][str(size)]
+                cells = [f"{fmt_s(row, m)} | {ratio(row, m)} | {ratio(row, m, 'attention small')}" for m in mambas]
+                lines.append(f"| {size} px | {allocator} | " + " | ".join(cells) + " |")
+    if "memory" not in results:
+        return "\n".join(lines)
     lines += ["", "| image | peak memory: " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for size in sizes:
         row = results["memory"]["rows"][str(size)]
@@ -177,13 +199,16 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=None)
+    parser.add_argument("--mamba-bi", action="store_true", help="also time the Vim-style bidirectional Mamba backbone")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory phase")
     parser.add_argument("--phase", choices=["time-default", "time-tuned", "memory"], default=None,
                         help=argparse.SUPPRESS)  # internal: one measurement in a child process
     args = parser.parse_args(argv)
     if args.phase is not None:
-        print(json.dumps(measure(args.phase, args.sizes, args.repeats)))
+        print(json.dumps(measure(args.phase, args.sizes, args.repeats, args.mamba_bi)))
         return 0
-    results = {phase: run_phase(phase, args) for phase in ("time-default", "time-tuned", "memory")}
+    phases = ("time-default", "time-tuned") + (() if args.no_memory else ("memory",))
+    results = {phase: run_phase(phase, args) for phase in phases}
     text = table(results, args.sizes, args.repeats)
     print()
     print(text)

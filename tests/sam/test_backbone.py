@@ -126,7 +126,7 @@ def test_bad_input_channels_and_names_raise():
     with pytest.raises(ValueError, match="variant"):
         RwkvSamBackbone("huge")
     with pytest.raises(ValueError, match="token_mixer"):
-        RwkvSamBackbone("tiny", "mamba")
+        RwkvSamBackbone("tiny", "lstm")
 
 
 # Exact counts (small): conv part 1,077,184 (stem 38,848; stage 1 71,552; stage 2 523,776; strided
@@ -136,7 +136,7 @@ EXPECTED_SMALL = {"rwkv": 19_727_296, "attention": 21_802_432}
 SPEC_SMALL = {"rwkv": 19.7e6, "attention": 21.8e6}
 
 
-@pytest.mark.parametrize("token_mixer", TOKEN_MIXERS)
+@pytest.mark.parametrize("token_mixer", sorted(SPEC_SMALL))  # the Mamba mixers: tests/sam/test_backbone_mamba.py
 def test_small_parameter_counts_match_the_spec(token_mixer):
     with torch.device("meta"):
         backbone = RwkvSamBackbone("small", token_mixer)

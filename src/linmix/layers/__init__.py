@@ -11,6 +11,7 @@ from linmix.layers.norm import RMSNorm
 from linmix.layers.rwkv import RWKVTimeMix
 from linmix.layers.rwkv5 import RWKV5State, RWKV5TimeMix
 from linmix.layers.vision_common import DropPath
+from linmix.layers.vision_mamba import SS2D, VisionMambaBlock
 from linmix.layers.vision_rwkv import VRWKVBlock, VRWKVChannelMix, VRWKVSpatialMix
 
 __all__ = [
@@ -28,9 +29,11 @@ __all__ = [
     "RWKV5State",
     "RWKV5TimeMix",
     "RWKVTimeMix",
+    "SS2D",
     "ShortConvolution",
     "SlidingWindowAttention",
     "VRWKVBlock",
     "VRWKVChannelMix",
     "VRWKVSpatialMix",
+    "VisionMambaBlock",
 ]

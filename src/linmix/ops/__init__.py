@@ -15,7 +15,13 @@ from linmix.ops.linear_attention import (
 from linmix.ops.q_shift import q_shift, q_shift_reference, shifted_mixes
 from linmix.ops.rotary import apply_rotary, rotary_cos_sin
 from linmix.ops.rwkv5 import rwkv5_recurrence, rwkv5_recurrence_reference, rwkv5_recurrence_step
-from linmix.ops.selective_scan import selective_scan, selective_scan_reference, selective_scan_step
+from linmix.ops.selective_scan import (
+    cross_scan_selective_scan,
+    cross_scan_selective_scan_reference,
+    selective_scan,
+    selective_scan_reference,
+    selective_scan_step,
+)
 from linmix.ops.short_conv import ShortConvState, short_conv, short_conv_reference, short_conv_step
 from linmix.ops.sliding_window import (
     SlidingWindowCache,
@@ -47,6 +53,8 @@ __all__ = [
     "rwkv5_recurrence",
     "rwkv5_recurrence_reference",
     "rwkv5_recurrence_step",
+    "cross_scan_selective_scan",
+    "cross_scan_selective_scan_reference",
     "selective_scan",
     "selective_scan_reference",
     "selective_scan_step",

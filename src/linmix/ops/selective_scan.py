@@ -1,4 +1,7 @@
-"""Mamba-1 selective scan (S6): the reference, a chunked PyTorch fast path, and a one-token step.
+"""Mamba-1 selective scan (S6): the reference, a chunked PyTorch fast path, and a one-token step;
+and :func:`cross_scan_selective_scan`, K scans over one 2D token grid in different orders, summed
+(VMamba's cross-scan, Vim's bidirectional scan), with a native C kernel for CPU inference and a
+Triton kernel for CUDA (see its docstring and the section at the end of this file).
 
 Layout (one layout for the whole family; D = inner channels, N = state size per channel):
 
@@ -42,20 +45,35 @@ differentiable by autograd.
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import torch.nn.functional as F
 
-from ._checks import accumulation_dtype, require_positive_int, require_shape
+from linmix.ops import dispatch, native
 
-__all__ = ["selective_scan", "selective_scan_reference", "selective_scan_step"]
+from linmix.ops.selective_scan_torch import (
+    BIDIRECTIONAL_DIRECTIONS,
+    CROSS_SCAN_DIRECTIONS,
+    SCAN_DIRECTIONS,
+    _check_directions,
+    _chunked_scan,
+    _compute_dtype,
+    _cross_scan_torch,
+    _default_chunk_size,
+    _prepare_delta,
+    from_scan_order,
+    scan_order_table,
+    to_scan_order,
+)
 
+from ._checks import require_positive_int, require_shape, tracing_or_exporting
 
+__all__ = [
+    "BIDIRECTIONAL_DIRECTIONS", "CROSS_SCAN_DIRECTIONS", "SCAN_DIRECTIONS", "cross_scan_selective_scan",
+    "cross_scan_selective_scan_reference", "from_scan_order", "native_cross_scan_applies", "scan_order_table", "selective_scan",
+    "selective_scan_reference", "selective_scan_step", "to_scan_order",
+]
 
-def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    dtypes = [t.dtype for t in tensors if t is not None]
-    return accumulation_dtype(functools.reduce(torch.promote_types, dtypes))
 
 
 def _require_size(name: str, tensor: torch.Tensor, layout: str, expected: tuple[int, ...]) -> None:
@@ -79,15 +97,6 @@ def _check_sequence_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state) -
         require_shape(name, tensor, layout, len(sizes[layout]))
         _require_size(name, tensor, f"{layout} (u: [B, T, D], A: [D, N])", sizes[layout])
     return batch, length, channels, state_size
-
-
-def _prepare_delta(delta: torch.Tensor, delta_bias: torch.Tensor | None, delta_softplus: bool, dtype: torch.dtype) -> torch.Tensor:
-    delta = delta.to(dtype)
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(dtype)
-    if delta_softplus:
-        delta = F.softplus(delta)
-    return delta
 
 
 def _finish_output(y, u, D, z, dtype):
@@ -137,20 +146,6 @@ def selective_scan_reference(
     return (y, h) if return_final_state else y
 
 
-def _to_chunks(x: torch.Tensor, chunk: int, num_chunks: int) -> torch.Tensor:
-    """[B, T, ...] -> [L, B, num_chunks, ...], zero-padded at the end (contiguous per position)."""
-    batch, length = x.shape[:2]
-    pad = chunk * num_chunks - length
-    if pad:
-        x = torch.cat([x, x.new_zeros(batch, pad, *x.shape[2:])], dim=1)
-    return x.view(batch, num_chunks, chunk, *x.shape[2:]).movedim(2, 0).contiguous()
-
-
-def _default_chunk_size(length: int) -> int:
-    # The Python step count is about 2 * L + T / L: smallest near L = sqrt(T / 2), kept a power of two.
-    return max(1, min(256, 2 ** round(math.log2(max(1.0, math.sqrt(length / 2))))))
-
-
 def selective_scan(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -195,47 +190,7 @@ def selective_scan(
             state = u.new_zeros(batch, channels, state_size)
         return (y, state) if return_final_state else y
 
-    chunk = min(chunk_size or _default_chunk_size(length), length)
-    num_chunks = -(-length // chunk)
-    # Padding tokens have delta = 0 (decay 1) and zero input, so they leave the state unchanged.
-    delta_c = _to_chunks(delta, chunk, num_chunks)  # [L, B, nc, D]
-    input_c = _to_chunks(delta * u, chunk, num_chunks)  # [L, B, nc, D]
-    B_c = _to_chunks(B, chunk, num_chunks)  # [L, B, nc, N]
-    C_c = _to_chunks(C, chunk, num_chunks)[..., None]  # [L, B, nc, N, 1]
-
-    # 1. Every chunk from a zero state, all chunks at once.
-    h = None
-    outputs = []
-    for position in range(chunk):
-        update = input_c[position][..., None] * B_c[position][:, :, None, :]  # [B, nc, D, N]
-        if h is None:
-            h = update
-        else:
-            h = torch.addcmul(update, torch.exp(delta_c[position][..., None] * A), h)
-        outputs.append(torch.matmul(h, C_c[position]).squeeze(-1))
-    y = torch.stack(outputs, dim=0)  # [L, B, nc, D]
-
-    # 2. Carry the state across chunk boundaries; 3. add what each chunk inherits.
-    if num_chunks == 1 and state is None:
-        final = h[:, 0]
-    else:
-        # Cumulative log-decay from the chunk start, formed before the exp (all exponents <= 0 for A<0, delta>0).
-        elapsed = torch.cumsum(delta_c, dim=0)  # [L, B, nc, D]
-        chunk_decay = torch.exp(elapsed[-1][..., None] * A)  # [B, nc, D, N]
-        carried = state if state is not None else h.new_zeros(batch, channels, state_size)
-        starts = []
-        for index in range(num_chunks):
-            starts.append(carried)
-            carried = torch.addcmul(h[:, index], chunk_decay[:, index], carried)
-        final = carried
-        start_states = torch.stack(starts, dim=1)  # [B, nc, D, N]
-        inherited = [
-            torch.matmul(torch.exp(elapsed[position][..., None] * A) * start_states, C_c[position]).squeeze(-1)
-            for position in range(chunk)
-        ]
-        y = y + torch.stack(inherited, dim=0)
-
-    y = y.movedim(0, 2).reshape(batch, num_chunks * chunk, channels)[:, :length]
+    y, final = _chunked_scan(u, delta, A, B, C, state, chunk_size or _default_chunk_size(length))
     y = _finish_output(y, u, D, z, dtype).to(out_dtype)
     return (y, final) if return_final_state else y
 
@@ -284,3 +239,193 @@ def selective_scan_step(
     y = _finish_output(y, u, D, z_t, dtype).to(out_dtype)
     return y, state
 
+
+# --------------------------------------------------------------------------------------------------
+# several scan directions over one 2D token grid (VMamba's cross-scan, Vim's bidirectional scan)
+
+# (the scan orders and the torch forms live in linmix.ops.selective_scan_torch)
+
+
+def _check_cross_inputs(u, delta, A, B, C, D, delta_bias, height, width, directions) -> tuple[int, int, int, int, int]:
+    """Validate the cross-scan layout; return (batch, length, channels, state_size, number of directions)."""
+    require_shape("u", u, "[B, T, D]", 3)
+    require_shape("A", A, "[K, D, N]", 3)
+    batch, length, channels = u.shape
+    count, state_size = len(directions), A.shape[2]
+    for name, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    if height * width != length:
+        raise ValueError(f"u must have shape [B, T, D] with T = height * width = {height} * {width}, got {tuple(u.shape)}")
+    sizes = {"[B, K, T, D]": (batch, count, length, channels), "[K, D, N]": (count, channels, state_size),
+             "[B, K, T, N]": (batch, count, length, state_size), "[K, D]": (count, channels)}
+    for name, tensor, layout in (("delta", delta, "[B, K, T, D]"), ("A", A, "[K, D, N]"), ("B", B, "[B, K, T, N]"),
+                                 ("C", C, "[B, K, T, N]"), ("D", D, "[K, D]"), ("delta_bias", delta_bias, "[K, D]")):
+        if tensor is None:
+            continue
+        require_shape(name, tensor, layout, len(sizes[layout]))
+        _require_size(name, tensor, f"{layout} (u: [B, T, D], K = {count} directions, A: [K, D, N])", sizes[layout])
+    return batch, length, channels, state_size, count
+
+
+def _delta_parts(delta) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``delta`` or the low-rank pair ``(dt_low [B, K, T, R], dt_weight [K, D, R])`` -> (delta, dt_low, dt_weight)."""
+    if isinstance(delta, (tuple, list)):
+        if len(delta) != 2 or not all(isinstance(t, torch.Tensor) for t in delta):
+            raise ValueError("delta must be a tensor [B, K, T, D] or a pair (dt_low [B, K, T, R], dt_weight [K, D, R])")
+        return None, delta[0], delta[1]
+    return delta, None, None
+
+
+def _check_low_rank(dt_low, dt_weight, batch, count, length, channels) -> None:
+    require_shape("dt_low", dt_low, "[B, K, T, R]", 4)
+    require_shape("dt_weight", dt_weight, "[K, D, R]", 3)
+    rank = dt_weight.shape[2]
+    _require_size("dt_low", dt_low, "[B, K, T, R] (u: [B, T, D], dt_weight: [K, D, R])", (batch, count, length, rank))
+    _require_size("dt_weight", dt_weight, "[K, D, R] (u: [B, T, D], K directions)", (count, channels, rank))
+
+
+def _full_delta(delta, dt_low, dt_weight) -> torch.Tensor:
+    return delta if dt_low is None else torch.einsum("bktr,kdr->bktd", dt_low, dt_weight)
+
+
+def cross_scan_selective_scan_reference(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    *,
+    height: int,
+    width: int,
+    directions=CROSS_SCAN_DIRECTIONS,
+    delta_softplus: bool = False,
+) -> torch.Tensor:
+    """The oracle of :func:`cross_scan_selective_scan`: per direction, permute the inputs into scan
+    order, run :func:`selective_scan_reference`, permute back; sum over directions. ``delta`` may be
+    the low-rank pair, as in :func:`cross_scan_selective_scan`."""
+    directions = _check_directions(directions)
+    delta, dt_low, dt_weight = _delta_parts(delta)
+    batch, length, channels, _, count = _check_cross_inputs(u, delta, A, B, C, D, delta_bias, height, width, directions)
+    if dt_low is not None:
+        _check_low_rank(dt_low, dt_weight, batch, count, length, channels)
+        delta = _full_delta(delta, dt_low, dt_weight)
+    dtype = _compute_dtype(u, delta, A, B, C, D, delta_bias)
+    y = None
+    for k, direction in enumerate(directions):
+        order = functools.partial(to_scan_order, direction=direction, height=height, width=width)
+        y_k = selective_scan_reference(order(u.to(dtype)), order(delta[:, k]), A[k], order(B[:, k]), order(C[:, k]),
+                                       None if D is None else D[k].to(dtype),
+                                       delta_bias=None if delta_bias is None else delta_bias[k], delta_softplus=delta_softplus)
+        y_k = from_scan_order(y_k, direction, height, width)
+        y = y_k if y is None else y + y_k
+    return y.to(u.dtype)
+
+
+def _native_value_reasons(delta, A, delta_bias, delta_softplus) -> list[str]:
+    """The kernel's exponential is for non-positive arguments: it needs ``A <= 0`` (Mamba's
+    ``A = -exp(A_log)``) and step sizes >= 0 (always so after softplus)."""
+    reasons = [] if bool((A <= 0).all()) else ["A <= 0"]
+    if not delta_softplus:
+        steps = _full_delta(*_delta_parts(delta))
+        if not bool(((steps if delta_bias is None else steps + delta_bias[:, None]) >= 0).all()):
+            reasons.append("delta + delta_bias >= 0 (or delta_softplus=True)")
+    return reasons
+
+
+def native_cross_scan_applies(u, delta, A, B, C, D=None, delta_bias=None, *, delta_softplus: bool = True) -> bool:
+    """Whether ``cross_scan_selective_scan(..., backend="auto")`` runs the native C kernel on these
+    inputs: fp32 CPU, no autograd, not tracing, LINMIX_FORCE_REFERENCE unset, the kernels built,
+    ``A <= 0`` and non-negative step sizes."""
+    tensors = [t for t in (u, *(delta if isinstance(delta, (tuple, list)) else (delta,)), A, B, C, D, delta_bias) if t is not None]
+    return native.usable(*tensors) and not _native_value_reasons(delta, A, delta_bias, delta_softplus)
+
+
+def cross_scan_selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    *,
+    height: int,
+    width: int,
+    directions=CROSS_SCAN_DIRECTIONS,
+    delta_softplus: bool = False,
+    backend: str = "auto",
+    form: str = "auto",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """K selective scans over one ``height x width`` token grid in K orders, summed: VMamba's
+    cross-scan + S6 + cross-merge in one call.
+
+    Every tensor stays in row-major GRID order; the scan order is the kernel's business, so no
+    permuted copy of the map is made on the native and Triton paths.
+
+    Args:
+        u: ``[B, T, D]`` with ``T = height * width``, row-major (token ``h * width + w``): the input
+            shared by all directions.
+        delta: ``[B, K, T, D]``: direction k's step size at grid token t (not at scan step t); or the
+            pair ``(dt_low [B, K, T, R], dt_weight [K, D, R])`` of Mamba's low-rank dt projection,
+            ``delta[b, k, t] = dt_weight[k] @ dt_low[b, k, t]``: the native kernel then forms each
+            step in registers and never stores the ``[B, K, T, D]`` tensor.
+        A: ``[K, D, N]``; B, C: ``[B, K, T, N]`` (grid order); D, delta_bias: ``[K, D]``.
+        directions: K names from :data:`SCAN_DIRECTIONS` (default the four of
+            :data:`CROSS_SCAN_DIRECTIONS`; :data:`BIDIRECTIONAL_DIRECTIONS` for Vim's scan).
+        delta_softplus: ``delta = softplus(delta + delta_bias)`` (as Mamba).
+        backend: "auto" (the Triton kernel for CUDA tensors; the native C kernel for fp32 CPU inference
+            outside autograd and tracing, see :func:`native_cross_scan_applies`; else torch), "torch",
+            "native" or "triton" (forced; an error where it cannot run).
+        form: torch backend only: "chunked" (:func:`selective_scan`'s two-level recurrence, the
+            training path), "doubling" (a log-depth scan with no token loop: the tracing/ONNX form),
+            or "auto" (doubling while tracing or exporting, chunked otherwise).
+        chunk_size: tokens per chunk of the chunked form.
+
+    Returns:
+        ``y: [B, T, D]`` in ``u.dtype``, grid order: ``sum_k (scan_k(...) + D_k * u)``, computed in
+        fp32 (fp64 for fp64 inputs). Differentiable on the torch and Triton paths.
+    """
+    dispatch.check_backend(backend, ("auto", "torch", "native", "triton"))
+    if form not in ("auto", "chunked", "doubling"):
+        raise ValueError(f"form must be 'auto', 'chunked' or 'doubling', got {form!r}")
+    directions = _check_directions(directions)
+    if chunk_size is not None:
+        require_positive_int("chunk_size", chunk_size)
+    delta, dt_low, dt_weight = _delta_parts(delta)
+    batch, length, channels, _, count = _check_cross_inputs(u, delta, A, B, C, D, delta_bias, height, width, directions)
+    if dt_low is not None:
+        _check_low_rank(dt_low, dt_weight, batch, count, length, channels)
+    tensors = [t for t in (u, delta, dt_low, dt_weight, A, B, C, D, delta_bias) if t is not None]
+    if length == 0:
+        return u.new_zeros(batch, 0, channels)
+    half_or_single = all(t.dtype in (torch.float32, torch.bfloat16, torch.float16) for t in tensors)
+    if backend != "native" and dispatch.use_triton(backend, *tensors, eligible=half_or_single,
+                                                   why_not="fp32 or half-precision inputs"):
+        from linmix.ops.triton.selective_scan import cross_scan_selective_scan_triton
+
+        return cross_scan_selective_scan_triton(u, _full_delta(delta, dt_low, dt_weight), A, B, C, D, delta_bias,
+                                                height=height, width=width,
+                                                directions=directions, delta_softplus=delta_softplus)
+    if backend == "native":
+        reasons = native.ineligible(*tensors) + _native_value_reasons(
+            delta if dt_low is None else (dt_low, dt_weight), A, delta_bias, delta_softplus)
+        if reasons:
+            raise ValueError("backend='native' needs " + ", ".join(reasons))
+        if not native.available():
+            raise RuntimeError("backend='native' requested but the native CPU kernels are unavailable: "
+                               + native.unavailable_reason())
+    if backend == "native" or (backend == "auto" and native_cross_scan_applies(
+            u, delta if dt_low is None else (dt_low, dt_weight), A, B, C, D, delta_bias, delta_softplus=delta_softplus)):
+        # With the low-rank pair, the kernel forms each step itself: delta is never stored.
+        return native.cross_selective_scan_native(u, delta if dt_low is None else dt_low, A, B, C, D, delta_bias,
+                                                  order=scan_order_table(directions, height, width),
+                                                  delta_softplus=delta_softplus, dt_weight=dt_weight)
+    if form == "auto":
+        form = "doubling" if tracing_or_exporting(*tensors) else "chunked"
+    y = _cross_scan_torch(u, _full_delta(delta, dt_low, dt_weight), A, B, C, D, delta_bias, height, width, directions,
+                          delta_softplus, form, chunk_size)
+    return y.to(u.dtype)

@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from linmix.layers.vision_common import DropPath, check_grid_tokens
+from linmix.layers.vision_mamba import VISION_MAMBA_MIXERS, VisionMambaBlock
 from linmix.layers.vision_rwkv import VRWKVBlock, VRWKVChannelMix, VRWKVSpatialMix
 from linmix.ops._checks import require_positive_int, require_shape
 from linmix.ops.q_shift import q_shift, shifted_mixes
@@ -255,9 +256,20 @@ def _attention_block(dim: int, layer_id: int, depth: int, *, mlp_ratio: int, lay
 # Each builder takes (dim, layer_id, depth, *, mlp_ratio, layer_scale_init, drop_path, num_heads) and
 # returns a block whose forward is (x [B, T, C], height, width) -> [B, T, C]; it may ignore the
 # arguments its block has no use for.
+def _vision_mamba_block(kind: str) -> Callable[..., nn.Module]:
+    def build(dim: int, layer_id: int, depth: int, *, mlp_ratio: int, layer_scale_init: float, drop_path: float,
+              num_heads: int | None) -> nn.Module:
+        return VisionMambaBlock(dim, mlp_ratio=mlp_ratio, layer_scale_init=layer_scale_init, drop_path=drop_path,
+                                **VISION_MAMBA_MIXERS[kind])
+
+    return build
+
+
 TOKEN_BLOCK_BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "rwkv": _rwkv_block,  # Vision-RWKV, the paper's model
     "attention": _attention_block,  # global self-attention, the same-scale transformer baseline
+    "mamba": _vision_mamba_block("mamba"),  # VMamba's SS2D: four-direction selective scan
+    "mamba_bi": _vision_mamba_block("mamba_bi"),  # Vim-style bidirectional scan over the row-major sequence
 }
 TOKEN_MIXERS = tuple(TOKEN_BLOCK_BUILDERS)
 
@@ -290,8 +302,9 @@ class RwkvSamBackbone(nn.Module):
     """Conv stem and stages, then 14 token blocks: ``x [B, 3, H, W] -> BackboneFeatures``.
 
     ``variant``: one of :data:`BACKBONE_VARIANTS` (tiny, small, base, large). ``token_mixer``: "rwkv"
-    (Vision-RWKV blocks, the paper's model) or "attention" (global self-attention, the same-scale
-    transformer baseline). ``drop_path_rate`` rises linearly from 0 over the token blocks.
+    (Vision-RWKV blocks, the paper's model), "attention" (global self-attention, the same-scale
+    transformer baseline), "mamba" (VMamba's SS2D) or "mamba_bi" (a Vim-style bidirectional scan),
+    see :mod:`linmix.layers.vision_mamba`. ``drop_path_rate`` rises linearly from 0 over the token blocks.
     ``gradient_checkpointing = True`` recomputes each token block in backward (training at 1024^2).
     """
 
