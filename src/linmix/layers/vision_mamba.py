@@ -1,8 +1,7 @@
 """Vision-Mamba token mixers for a 2D token grid: VMamba's SS2D and a Vim-style bidirectional scan.
 
 Tokens are ``[B, T, C]`` with ``T = height * width`` in row-major order (token ``h * width + w``), as
-in the RWKV-SAM backbone. Facts and choices: /work/shared/spec/VISION-MAMBA.md (VMamba and Vim
-released code).
+in the RWKV-SAM backbone. Facts and choices follow VMamba's and Vim's released code.
 
 :class:`SS2D` (VMamba's 2D selective scan), for ``x: [B, T, C]``::
 
@@ -25,7 +24,7 @@ Defaults follow VMamba's released v2 models (``forward_type="v05_noz"``: ``ssm_r
 (d_state 16, z gate, no MLP): with the RWKV-SAM block's ratio-2 MLP around it, this mixer makes a
 block within +3.2% of the Vision-RWKV block's parameters at every width (v0 would be +27 to +46%),
 its linears cost what the RWKV block's do, and d_state 1 keeps the scan at about 2% of the block's
-arithmetic (d_state 16 would be about 25%); spec sections 5 and 6. Measured on CPU (1 thread,
+arithmetic (d_state 16 would be about 25%). Measured on CPU (1 thread,
 64 x 64 tokens, C = 384): Mamba block 140 ms, RWKV block 100 ms, the scan kernel 48 ms of it.
 
 :class:`VisionMambaBlock` puts a mixer in the RWKV-SAM block shell (pre-norm, LayerNorm eps 1e-6,
