@@ -248,7 +248,8 @@ def main(argv=None) -> list[PhotoRow]:
     title = (f"{name} on held-out photographs (copypaste:{args.seed}:split=heldout)\n"
              "tint: predicted mask; white outline: true mask; yellow: box prompt; green dot: point prompt\n"
              f"automatic: {args.points_per_side}x{args.points_per_side} points, predicted IoU > "
-             f"{thresholds['pred_iou_thresh']:.2f}, stability >= {thresholds['stability_score_thresh']:.2f} (the model's stored thresholds)")
+             f"{thresholds['pred_iou_thresh']:.2f}, stability >= {thresholds['stability_score_thresh']:.2f} "
+             "(the model's stored thresholds)")
     out = draw_figure(rows, Path(args.out), title)
     print(format_table(rows))
     print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB)")

@@ -184,7 +184,8 @@ def test_tour_automatic_masks_counts_and_best_ious(tmp_path, checkpoint, monkeyp
 
     monkeypatch.setattr(linmix.sam, "AutomaticMaskGenerator", KnownMasks)
     try:
-        results = run_tour(TourConfig(out_dir=tmp_path, stages=("segment",), sam_checkpoint=checkpoint, progress=False), echo=lambda line: None)
+        config = TourConfig(out_dir=tmp_path, stages=("segment",), sam_checkpoint=checkpoint, progress=False)
+        results = run_tour(config, echo=lambda line: None)
     finally:
         sidecar.unlink()
     assert results[0].status == "ok", results[0].error

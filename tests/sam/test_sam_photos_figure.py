@@ -50,7 +50,8 @@ def test_figure_is_written_and_the_table_matches_the_masks(tmp_path, sources, ca
         assert png.mode == "P" and png.size[0] > 300  # palette PNG
     assert len(rows) == 3  # two pasted images and the natural photograph
 
-    heldout = {source_key(p, sources["photos"]) for p in sources["photos"].iterdir() if split_of(source_key(p, sources["photos"]), 2) == "heldout"}
+    keys = {source_key(path, sources["photos"]) for path in sources["photos"].iterdir()}
+    heldout = {key for key in keys if split_of(key, 2) == "heldout"}
     for row in rows[:2]:
         assert row.name.startswith("copypaste-heldout-1-")
         for mask, truth, iou in ((row.box_mask, row.box_truth, row.box_iou), (row.point_mask, row.point_truth, row.point_iou)):
