@@ -4,7 +4,10 @@
    with the accuracy-vs-state-size frontier plot (:func:`linmix.mqar.write_report`);
 2. **segment**: the shipped RWKV-SAM model (:func:`linmix.sam.load_default`) on the bundled example
    images, from box and point prompts; overlay PNGs, the IoU of each mask against the drawn truth,
-   and one overview picture;
+   and one overview picture. Then the automatic mask generator (no prompts: a 16x16 grid of points,
+   the model's stored thresholds, :func:`linmix.sam.auto_defaults.automatic_mask_defaults_for`) on
+   each image: ``segment/<image>.auto.png`` (every mask in its own colour), the number of masks per
+   image and, per true object, the best IoU of any automatic mask (``segment/auto.json``);
 3. **decode**: decode throughput of BASED vs the KV-cache Transformer++ at growing context
    (:mod:`linmix.bench.decode`), a table and a plot.
 
@@ -26,7 +29,7 @@ from typing import Any
 
 from linmix.bench.decode import DecodeBenchConfig
 
-__all__ = ["STAGES", "StageResult", "TourConfig", "run_tour", "tour_decode_config"]
+__all__ = ["STAGES", "StageResult", "TourConfig", "best_iou", "distinct_colors", "run_tour", "tour_decode_config"]
 
 STAGES = ("mqar", "segment", "decode")
 
@@ -156,6 +159,77 @@ def _stage_segment(config: TourConfig, result: StageResult, echo: Callable[[str]
     result.paths["scores"] = summary
     mean_iou = sum(r["iou_vs_truth"] for r in records) / len(records)
     result.lines.insert(0, f"mean IoU vs the drawn truth over {len(records)} prompts: {mean_iou:.3f}")
+    _segment_automatic(config, model, out, result, echo)
+
+
+TOUR_AUTO_POINTS_PER_SIDE = 16
+
+
+def _segment_automatic(config: TourConfig, model: Any, out: Path, result: StageResult, echo: Callable[[str], None]) -> None:
+    """The automatic mask generator on each bundled example: an overlay of all its masks, their count,
+    and per true object the best IoU of any automatic mask (0 when there is none)."""
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from linmix.data.examples import EXAMPLES, load_example_image, render_example
+    from linmix.sam import AutomaticMaskGenerator
+    from linmix.sam.auto_defaults import automatic_mask_defaults_for
+    from linmix.visualize import overlay_masks, save_png
+
+    # The thresholds calibrated for this model (stored beside its weights), as `linmix sam auto` uses.
+    thresholds = automatic_mask_defaults_for(model, config.sam_checkpoint)
+    generator = AutomaticMaskGenerator(model, points_per_side=TOUR_AUTO_POINTS_PER_SIDE, output_mode="binary_mask", **thresholds)
+    echo(f"segment: automatic masks ({TOUR_AUTO_POINTS_PER_SIDE}x{TOUR_AUTO_POINTS_PER_SIDE} points, predicted IoU > "
+         f"{thresholds['pred_iou_thresh']:.2f}, stability >= {thresholds['stability_score_thresh']:.2f})")
+    records = []
+    for example in tqdm(EXAMPLES, desc="automatic masks", unit="image", disable=not config.progress):
+        image = load_example_image(example.name)
+        truth = render_example(example.name)[1]
+        start = time.perf_counter()
+        generated = generator.generate(image)
+        seconds = time.perf_counter() - start
+        # Largest first, so small masks stay visible on top.
+        generated.sort(key=lambda record: -record["area"])
+        masks = np.stack([r["segmentation"] for r in generated]) if generated else np.zeros((0, *image.shape[:2]), dtype=bool)
+        path = save_png(overlay_masks(image, masks, colors=distinct_colors(len(masks)), alpha=0.45), out / f"{example.name}.auto.png")
+        result.paths[f"{example.name}.auto.overlay"] = path
+        best = {name: round(best_iou(target, masks), 4) for name, target in truth.items()}
+        records.append({"example": example.name, "masks": len(masks), "best_iou": best, "seconds": round(seconds, 3),
+                        "overlay": str(path)})
+        cells = ", ".join(f"{name} {iou:.2f}" for name, iou in best.items())
+        result.lines.append(f"{example.name:14s} automatic: {len(masks):3d} masks in {seconds:.2f} s; best IoU per object: {cells}")
+    auto_summary = out / "auto.json"
+    auto_summary.write_text(json.dumps({"points_per_side": TOUR_AUTO_POINTS_PER_SIDE, **thresholds, "images": records}, indent=2) + "\n")
+    result.paths["auto"] = auto_summary
+
+
+def best_iou(target: Any, masks: Any) -> float:
+    """The highest IoU between the HxW bool ``target`` and any of the NxHxW bool ``masks`` (0 for none)."""
+    import numpy as np
+
+    if len(masks) == 0:
+        return 0.0
+    target = np.asarray(target, dtype=bool)
+    stack = np.asarray(masks, dtype=bool)
+    intersection = np.logical_and(stack, target).sum(axis=(1, 2))
+    union = np.logical_or(stack, target).sum(axis=(1, 2))
+    ious = np.where(union > 0, intersection / np.maximum(union, 1), 1.0)
+    return float(ious.max())
+
+
+def distinct_colors(count: int) -> list[tuple[int, int, int]]:
+    """``count`` RGB colours: :data:`linmix.visualize.MASK_COLORS` first, then hues a golden angle apart,
+    so that many automatic masks still each get their own colour."""
+    import colorsys
+
+    from linmix.visualize import MASK_COLORS
+
+    colors = list(MASK_COLORS[:count])
+    for index in range(count - len(colors)):
+        hue = (0.11 + index * 0.381966) % 1.0
+        value = 0.95 if index % 2 else 0.75
+        colors.append(tuple(int(round(255 * c)) for c in colorsys.hsv_to_rgb(hue, 0.85, value)))
+    return colors or [MASK_COLORS[0]]
 
 
 def _contact_sheet(tiles: list[tuple[Path, str]], columns: int = 2, tile_width: int = 384) -> Any:

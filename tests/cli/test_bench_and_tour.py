@@ -19,8 +19,8 @@ from linmix.bench.decode import (
     write_decode_report,
 )
 from linmix.cli import main
-from linmix.data.examples import EXAMPLES, render_example
-from linmix.tour import TourConfig, format_summary, run_tour
+from linmix.data.examples import EXAMPLES, load_example_image, render_example
+from linmix.tour import TourConfig, best_iou, distinct_colors, format_summary, run_tour
 from tiny_sam import save_tiny_sam
 
 TINY_DECODE = dict(contexts=(8, 40), d_model=64, n_layer=2, vocab_size=64, window=8, new_tokens=3, repeats=1)
@@ -142,11 +142,84 @@ def test_tour_runs_every_stage_and_writes_the_pictures(tmp_path, checkpoint, fak
         assert overview.size[0] > 700
     assert segment.lines[0].startswith("mean IoU vs the drawn truth over 6 prompts")
 
+    # Automatic masks: one overlay per image; per image a mask count and a best IoU per true object.
+    auto = json.loads(segment.paths["auto"].read_text())
+    assert auto["points_per_side"] == 16
+    assert (auto["pred_iou_thresh"], auto["stability_score_thresh"]) == (0.88, 0.95)  # no sidecar: SAM's
+    assert [record["example"] for record in auto["images"]] == [e.name for e in EXAMPLES]
+    for record in auto["images"]:
+        assert (tmp_path / "segment" / f"{record['example']}.auto.png").is_file()
+        assert isinstance(record["masks"], int) and record["masks"] >= 0
+        assert sorted(record["best_iou"]) == sorted(render_example(record["example"])[1])
+        assert all(0.0 <= iou <= 1.0 for iou in record["best_iou"].values())
+        assert any(line.startswith(f"{record['example']:14s} automatic: {record['masks']:3d} masks") for line in segment.lines)
+
     assert decode.paths["plot"].is_file() and len(decode.lines) == 2
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [s["status"] for s in summary["stages"]] == ["ok", "ok", "ok"]
     text = format_summary(results, tmp_path)
     assert str(decode.paths["plot"]) in text and str(segment.paths["overview"]) in text and "[ok] mqar" in text
+
+
+def test_tour_automatic_masks_counts_and_best_ious(tmp_path, checkpoint, monkeypatch):
+    """With a generator that returns known masks, the counts and best IoUs are those of the masks,
+    the stored thresholds beside the checkpoint are used, and the overlay shows every mask."""
+    import linmix.sam
+
+    sidecar = checkpoint.with_name(checkpoint.stem + ".auto_masks.json")
+    sidecar.write_text(json.dumps({"pred_iou_thresh": 0.5, "stability_score_thresh": 0.6}))
+    seen = []
+
+    class KnownMasks:
+        def __init__(self, model, **options):
+            seen.append(options)
+
+        def generate(self, image):
+            name = next(e.name for e in EXAMPLES if np.array_equal(image, load_example_image(e.name)))
+            truth = list(render_example(name)[1].values())
+            half = truth[1].copy()
+            half[: half.shape[0] // 2] = False  # the lower half of the second object
+            masks = [truth[0], half] if name == "shapes" else []
+            return [{"segmentation": m, "area": int(m.sum())} for m in masks]
+
+    monkeypatch.setattr(linmix.sam, "AutomaticMaskGenerator", KnownMasks)
+    try:
+        config = TourConfig(out_dir=tmp_path, stages=("segment",), sam_checkpoint=checkpoint, progress=False)
+        results = run_tour(config, echo=lambda line: None)
+    finally:
+        sidecar.unlink()
+    assert results[0].status == "ok", results[0].error
+    assert seen == [{"points_per_side": 16, "output_mode": "binary_mask", "pred_iou_thresh": 0.5, "stability_score_thresh": 0.6}]
+    auto = {record["example"]: record for record in json.loads(results[0].paths["auto"].read_text())["images"]}
+    truth = render_example("shapes")[1]
+    first, second, third = truth
+    half = truth[second].copy()
+    half[: half.shape[0] // 2] = False
+    assert auto["shapes"]["masks"] == 2
+    assert auto["shapes"]["best_iou"][first] == 1.0
+    assert auto["shapes"]["best_iou"][second] == pytest.approx(half.sum() / truth[second].sum(), abs=1e-4)
+    expected_third = max(np.logical_and(m, truth[third]).sum() / np.logical_or(m, truth[third]).sum() for m in (truth[first], half))
+    assert auto["shapes"]["best_iou"][third] == pytest.approx(expected_third, abs=1e-4)
+    assert auto["overlap"]["masks"] == 0 and set(auto["overlap"]["best_iou"].values()) == {0.0}
+    # The overlay tints exactly the masked pixels.
+    with Image.open(tmp_path / "segment" / "shapes.auto.png") as png:
+        overlay = np.asarray(png.convert("RGB"))
+    image = load_example_image("shapes")
+    changed = np.any(overlay != image, axis=-1)
+    assert changed[truth[first]].mean() > 0.9 and changed[half].mean() > 0.9
+    assert not changed[~(truth[first] | half)].any()
+
+
+def test_best_iou_and_distinct_colors():
+    target = np.zeros((10, 10), dtype=bool)
+    target[2:6, 2:6] = True  # 16 pixels
+    shifted = np.roll(target, 2, axis=1)  # overlaps 8 of them: IoU 8 / 24
+    assert best_iou(target, np.zeros((0, 10, 10), dtype=bool)) == 0.0
+    assert best_iou(target, np.stack([shifted])) == pytest.approx(8 / 24)
+    assert best_iou(target, np.stack([shifted, target])) == 1.0
+    colors = distinct_colors(40)
+    assert len(colors) == len(set(colors)) == 40 and all(0 <= c <= 255 for rgb in colors for c in rgb)
+    assert distinct_colors(0) and distinct_colors(3) == distinct_colors(40)[:3]
 
 
 def test_a_failing_stage_does_not_stop_the_tour(tmp_path, checkpoint, monkeypatch):
