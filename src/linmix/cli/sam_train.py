@@ -102,7 +102,7 @@ def train_command(
     stage: Optional[str] = typer.Option(None, "--stage", help="distill (stage 1: student encoder regresses the teacher embedding) or finetune (stage 2: masks; the default)."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help=DATASET_HELP),
     variant: Optional[str] = typer.Option(None, "--variant", help="Backbone variant: tiny, small, base, large."),
-    token_mixer: Optional[str] = typer.Option(None, "--token-mixer", help="rwkv, or attention (the same-scale transformer baseline)."),
+    token_mixer: Optional[str] = typer.Option(None, "--token-mixer", help="rwkv (the paper's), attention (the same-scale transformer baseline), mamba (VMamba's SS2D) or mamba_bi (Vim-style bidirectional scan)."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Model input side (multiple of 16; SAM uses 1024)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per step and process."),
     prompts_per_image: Optional[int] = typer.Option(None, "--prompts-per-image", help="Objects prompted per image (stage 2)."),

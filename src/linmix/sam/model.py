@@ -348,8 +348,9 @@ def build_rwkv_sam(
     Args:
         variant: backbone size, one of tiny, small (the paper's), base, large.
         checkpoint: a linmix safetensors file of the whole model (:func:`save_rwkv_sam`), loaded strictly.
-        token_mixer: "rwkv" or "attention" (the same-scale transformer baseline); default: the
-            checkpoint's (from its metadata), else "rwkv".
+        token_mixer: "rwkv" (the paper's), "attention" (the same-scale transformer baseline), "mamba"
+            (VMamba's SS2D) or "mamba_bi" (a Vim-style bidirectional scan), see
+            :data:`linmix.sam.backbone.TOKEN_MIXERS`; default: the checkpoint's (from its metadata), else "rwkv".
         sam_checkpoint: an official SAM ``.pth`` (e.g. ``sam_vit_h_4b8939.pth``) whose prompt encoder and
             mask decoder initialise ours; the image encoder and the high-quality fusion keep their init.
             Not together with ``checkpoint`` (which already holds every weight).
