@@ -199,3 +199,20 @@ def test_command_line_errors_are_one_line(tmp_path, capsys):
     assert "--betas must be two numbers" in capsys.readouterr().err
     assert main(["lm", "train", "--config", str(tmp_path / "missing.toml")]) == 1
     assert "missing.toml not found" in capsys.readouterr().err
+
+
+MAMBA_OR_RWKV = REPO / "recipes" / "mamba_or_rwkv" / "tiny_192px_400_steps.toml"
+
+
+@pytest.mark.parametrize("mixer", ["rwkv", "mamba", "attention"])
+def test_mamba_or_rwkv_recipe_is_the_measured_command(mixer):
+    # The command line the equal-budget models of docs/sam.md ("Mamba or RWKV") were trained with.
+    measured = (
+        f"--out runs/mixer-{mixer} --dataset procedural:20 --variant tiny --token-mixer {mixer} --image-size 192 "
+        "--batch-size 8 --prompts-per-image 4 --loss-points 2048 --steps 400 --lr 8e-4 --warmup-steps 30 "
+        "--scale-range 0.75,1.33 --position-in-embedding --prompt-warmup-steps 100 --seed 0 --save-every 25 "
+        "--log-every 5 --threads 1 --no-progress"
+    ).split()
+    from_recipe = sam_recipe_from_command_line(
+        ["--config", str(MAMBA_OR_RWKV), "--token-mixer", mixer, "--out", f"runs/mixer-{mixer}"])
+    assert from_recipe == sam_recipe_from_command_line(measured)
