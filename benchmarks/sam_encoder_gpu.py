@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""RWKV-SAM small vs the same-scale attention image encoder on a CUDA GPU, eager and CUDA-graphed.
+"""RWKV-SAM small vs the same-scale vision-Mamba and attention image encoders on a CUDA GPU, eager and CUDA-graphed.
 
 At batch 1 a small encoder on a big GPU is bound by kernel launches (hundreds of small ops per call,
 each a few microseconds of host work), whatever the token mixer; replaying a captured CUDA graph
@@ -70,6 +70,7 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", action="store_true", help="also print the top ops of one RWKV-SAM call")
     parser.add_argument("--compile", action="store_true",
                         help="also time torch.compile(mode='reduce-overhead') of each encoder (fused ops + CUDA graphs; compiles per shape)")
+    parser.add_argument("--no-mamba", action="store_true", help="skip the vision-Mamba encoders (VMamba SS2D and Vim-style)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -80,8 +81,10 @@ def main(argv=None) -> int:
     variant = args.variant or ("tiny" if args.tiny else "small")
     torch.manual_seed(0)
     with torch.device(device):
-        encoders = {"RWKV-SAM": RwkvSamImageEncoder(variant, "rwkv").to(dtype).eval(),
-                    "attention": RwkvSamImageEncoder(variant, "attention").to(dtype).eval()}
+        mixers = {"RWKV-SAM": "rwkv", "attention": "attention"}
+        if not args.no_mamba:
+            mixers.update({"Mamba": "mamba", "Mamba-bi": "mamba_bi"})
+        encoders = {label: RwkvSamImageEncoder(variant, mixer).to(dtype).eval() for label, mixer in mixers.items()}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device: {name}; torch {torch.__version__}; {variant} encoders, {str(dtype).removeprefix('torch.')}, random weights", flush=True)
     rows = []
@@ -117,24 +120,25 @@ def main(argv=None) -> int:
         value = row.get(key)
         return "—" if value is None else (f"{row['batch'] / value:.1f}" if isinstance(value, float) else value)
 
-    def ratio(row, mode):
-        a, r = row.get(f"attention {mode}"), row.get(f"RWKV-SAM {mode}")
+    def ratio(row, label, mode):  # how many times faster than the same-scale attention encoder
+        a, r = row.get(f"attention {mode}"), row.get(f"{label} {mode}")
         return f"**{a / r:.2f}x**" if isinstance(a, float) and isinstance(r, float) else "—"
 
-    print("\nimages/s (higher is better); ratio = RWKV-SAM speed / attention speed\n")
-    print("| image | batch | RWKV-SAM eager | attention eager | ratio eager | RWKV-SAM graph | attention graph | ratio graph |")
-    print("|---|---|---|---|---|---|---|---|")
+    others = [label for label in encoders if label != "attention"]
+    modes = ["eager", "graph"] + (["compiled"] if args.compile else [])
+    print("\nimages/s (higher is better); x = speed relative to the same-scale attention encoder\n")
+    header = [f"{label} {mode}" for mode in modes for label in encoders] + [f"{label} / attention {mode}" for mode in modes for label in others]
+    print("| image | batch | " + " | ".join(header) + " |")
+    print("|" + "---|" * (2 + len(header)))
     for row in rows:
-        print(f"| {row['size']} px | {row['batch']} | {cell(row, 'RWKV-SAM eager')} | {cell(row, 'attention eager')} | {ratio(row, 'eager')} "
-              f"| {cell(row, 'RWKV-SAM graph')} | {cell(row, 'attention graph')} | {ratio(row, 'graph')} |")
+        cells = [cell(row, f"{label} {mode}") for mode in modes for label in encoders]
+        cells += [ratio(row, label, mode) for mode in modes for label in others]
+        print(f"| {row['size']} px | {row['batch']} | " + " | ".join(cells) + " |")
     if args.compile:
-        print("\ntorch.compile (images/s; first call's compile seconds in brackets)\n")
-        print("| image | batch | RWKV-SAM compiled | attention compiled | ratio compiled |")
-        print("|---|---|---|---|---|")
+        print("\ntorch.compile: the first call's compile seconds")
         for row in rows:
-            compiled_cells = [f"{cell(row, f'{label} compiled')} ({row.get(f'{label} compile_s', float('nan')):.0f} s)"
-                              for label in encoders]
-            print(f"| {row['size']} px | {row['batch']} | {compiled_cells[0]} | {compiled_cells[1]} | {ratio(row, 'compiled')} |")
+            print(f"  {row['size']} px, batch {row['batch']}: "
+                  + ", ".join(f"{label} {row.get(f'{label} compile_s', float('nan')):.0f} s" for label in encoders))
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile

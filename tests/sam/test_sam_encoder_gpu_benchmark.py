@@ -14,5 +14,12 @@ def test_tiny_run_writes_its_rows(tmp_path, capsys):
     assert bench.main(["--tiny", "--repeats", "1", "--json", str(tmp_path / "out.json")]) == 0
     report = json.loads((tmp_path / "out.json").read_text())
     (row,) = report["rows"]
-    assert row["size"] == 64 and row["RWKV-SAM eager"] > 0 and row["attention eager"] > 0
-    assert "| 64 px | 1 |" in capsys.readouterr().out
+    assert row["size"] == 64
+    assert all(row[f"{label} eager"] > 0 for label in ("RWKV-SAM", "attention", "Mamba", "Mamba-bi"))
+    out = capsys.readouterr().out
+    table_row = next(line for line in out.splitlines() if line.startswith("| 64 px | 1 |"))
+    # images/s of each encoder (batch / seconds), then each linear-time encoder's speed over attention's
+    cells = [cell.strip() for cell in table_row.strip("|").split("|")]
+    speeds = {label: 1.0 / row[f"{label} eager"] for label in ("RWKV-SAM", "attention", "Mamba", "Mamba-bi")}
+    assert cells[2:6] == [f"{speeds[label]:.1f}" for label in ("RWKV-SAM", "attention", "Mamba", "Mamba-bi")]
+    assert f"**{row['attention eager'] / row['Mamba eager']:.2f}x**" in cells
