@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 
 from linmix.sam.data.formats import DatasetError, SegmentationSample
-from linmix.sam.data.procedural import ProceduralHQDataset
+from linmix.sam.data.procedural import GeneratedDataset, ProceduralHQDataset
 
 __all__ = [
     "BACKGROUND_EXTENSIONS",
@@ -328,7 +328,7 @@ def _load_background(path: Path) -> np.ndarray:
 # the dataset
 
 
-class CopyPasteDataset:
+class CopyPasteDataset(GeneratedDataset):
     """Cut-outs pasted onto photographs with exact visible masks (see the module docstring).
 
     Args:
@@ -344,8 +344,6 @@ class CopyPasteDataset:
         augment: random rotation, stretch, flip, colour jitter, blur and shadow of the cut-outs and
             colour jitter / flip of the background; ``False`` pastes them as they are (only scaled).
     """
-
-    is_generated = True  # items are independent draws: batch sources read item p without shuffling
 
     def __init__(
         self,
@@ -445,9 +443,6 @@ class CopyPasteDataset:
             raise DatasetError(f"no cut-out falls in the {split} split: give more objects or another emoji font")
         self._procedural = ProceduralHQDataset(self.seed, self.length, min_side=max(64, self.min_side), max_side=max(64, self.max_side)) if self.procedural_share > 0 else None
         self.name = f"copypaste:seed{self.seed}:{split}"
-
-    def __len__(self) -> int:
-        return self.length
 
     def __repr__(self) -> str:
         return (

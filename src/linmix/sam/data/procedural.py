@@ -76,7 +76,27 @@ def _smooth_curve(rng: np.random.Generator, start: np.ndarray, end: np.ndarray, 
     return ((1 - t) ** 3) * start + 3 * ((1 - t) ** 2) * t * c1 + 3 * (1 - t) * t**2 * c2 + t**3 * end
 
 
-class ProceduralHQDataset:
+class GeneratedDataset:
+    """What the generated datasets (procedural, copy-paste, the unseen-generator test set) share: item
+    ``i`` is a seeded draw, a pure function of ``(seed, i)``, so batch sources read item p directly
+    instead of shuffling (``is_generated``), and there are no files to validate. Subclasses set
+    ``seed`` and ``length``."""
+
+    is_generated = True
+    seed: int
+    length: int
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(seed={self.seed}, length={self.length})"
+
+    def validate(self, max_errors: int = 20) -> None:
+        """Nothing to check: generated data is always well-formed."""
+
+
+class ProceduralHQDataset(GeneratedDataset):
     """Seeded synthetic high-quality segmentation data with exact masks.
 
     Each item is an image of random size (sides in ``[min_side, max_side]``, several aspect ratios)
@@ -89,8 +109,6 @@ class ProceduralHQDataset:
     """
 
     KINDS = ("wire", "frame", "tree", "text", "blob")
-    # Items are independent seeded draws: batch sources read item p directly instead of shuffling.
-    is_generated = True
 
     def __init__(
         self,
@@ -113,15 +131,6 @@ class ProceduralHQDataset:
         self.name = f"procedural:seed{seed}"
         if (self.min_objects, self.max_objects) != (1, 3):
             self.name += f":objects={self.min_objects}-{self.max_objects}"
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(seed={self.seed}, length={self.length})"
-
-    def validate(self, max_errors: int = 20) -> None:
-        """Nothing to check: generated data is always well-formed."""
 
     def __getitem__(self, index: int) -> SegmentationSample:
         if not -self.length <= index < self.length:

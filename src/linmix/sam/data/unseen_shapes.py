@@ -25,6 +25,7 @@ import math
 import numpy as np
 
 from linmix.sam.data.formats import SegmentationSample
+from linmix.sam.data.procedural import GeneratedDataset
 
 __all__ = ["UnseenShapesDataset", "from_spec", "polygon_signed_distance"]
 
@@ -151,12 +152,11 @@ def _object_fill(rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray, colou
 # the dataset
 
 
-class UnseenShapesDataset:
+class UnseenShapesDataset(GeneratedDataset):
     """Evaluation-only procedural images with exact masks (see the module docstring)."""
 
     KINDS = ("star", "crescent", "ring", "spiral", "holed_polygon", "dumbbell", "metaball")
     PALETTES = ("vivid", "pastel", "greyish")
-    is_generated = True  # items are independent draws: batch sources read item p without shuffling
 
     def __init__(self, seed: int = 0, length: int = 1000, *, min_side: int = 192, max_side: int = 448,
                  min_objects: int = 1, max_objects: int = 4):
@@ -169,15 +169,6 @@ class UnseenShapesDataset:
         self.min_side, self.max_side = int(min_side), int(max_side)
         self.min_objects, self.max_objects = int(min_objects), int(max_objects)
         self.name = f"unseen:seed{self.seed}"
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(seed={self.seed}, length={self.length})"
-
-    def validate(self, max_errors: int = 20) -> None:
-        """Nothing to check: generated data is always well-formed."""
 
     def __getitem__(self, index: int) -> SegmentationSample:
         return self.generate(index)[0]
