@@ -1,4 +1,4 @@
-"""The `linmix` command line as a whole: every command's --help, the command tree the issue asks for,
+"""The `linmix` command line as a whole: every command's --help, the documented command tree,
 one-line errors with exit codes, and the segmentation commands end to end on a tiny random model."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from linmix.sam import RwkvSamPredictor
 from linmix.sam.automatic_mask_generator import coco_rle_string_to_counts, rle_to_mask
 from tiny_sam import save_tiny_sam
 
-# The command tree of the issue, by the module that registers each part.
+# The documented command tree, by the module that registers each part.
 EXPECTED_COMMANDS = {
     "main": [("tour",), ("serve",), ("bench",)],
     "sam": [("sam", "segment"), ("sam", "auto"), ("sam", "export-onnx")],
