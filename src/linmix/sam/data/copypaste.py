@@ -365,16 +365,10 @@ class CopyPasteDataset(GeneratedDataset):
     ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        if length < 1 or min_side < 32 or max_side < min_side or not 1 <= min_objects <= max_objects:
-            raise ValueError(
-                f"need length >= 1, 32 <= min_side <= max_side and 1 <= min_objects <= max_objects; got length={length}, "
-                f"min_side={min_side}, max_side={max_side}, min_objects={min_objects}, max_objects={max_objects}"
-            )
+        self._set_draws(seed, length, min_side, max_side, min_objects, max_objects, smallest_side=32)
         if not 0.0 <= procedural_share <= 1.0 or not 0.0 <= min_visible <= 1.0:
             raise ValueError(f"procedural_share and min_visible must be in [0, 1], got {procedural_share} and {min_visible}")
-        self.seed, self.length, self.split = int(seed), int(length), split
-        self.min_objects, self.max_objects = int(min_objects), int(max_objects)
-        self.min_side, self.max_side = int(min_side), int(max_side)
+        self.split = split
         self.procedural_share, self.min_visible = float(procedural_share), float(min_visible)
         self.heldout_every, self.augment = int(heldout_every), bool(augment)
         split_of("", self.heldout_every)  # validates heldout_every

@@ -95,6 +95,19 @@ class GeneratedDataset:
     def validate(self, max_errors: int = 20) -> None:
         """Nothing to check: generated data is always well-formed."""
 
+    def _set_draws(self, seed: int, length: int, min_side: int, max_side: int, min_objects: int, max_objects: int,
+                   *, smallest_side: int = 64) -> None:
+        """Check and store what every generator draws from: item count, image sides, objects per image."""
+        if length < 1 or min_side < smallest_side or max_side < min_side or not 1 <= min_objects <= max_objects:
+            raise ValueError(
+                f"need length >= 1, {smallest_side} <= min_side <= max_side and 1 <= min_objects <= max_objects; "
+                f"got length={length}, min_side={min_side}, max_side={max_side}, min_objects={min_objects}, "
+                f"max_objects={max_objects}"
+            )
+        self.seed, self.length = int(seed), int(length)
+        self.min_side, self.max_side = int(min_side), int(max_side)
+        self.min_objects, self.max_objects = int(min_objects), int(max_objects)
+
 
 class ProceduralHQDataset(GeneratedDataset):
     """Seeded synthetic high-quality segmentation data with exact masks.
@@ -120,14 +133,7 @@ class ProceduralHQDataset(GeneratedDataset):
         max_objects: int = 3,
         min_objects: int = 1,
     ):
-        if length < 1 or min_side < 64 or max_side < min_side or not 1 <= min_objects <= max_objects:
-            raise ValueError(
-                f"need length >= 1, 64 <= min_side <= max_side and 1 <= min_objects <= max_objects; got length={length}, "
-                f"min_side={min_side}, max_side={max_side}, min_objects={min_objects}, max_objects={max_objects}"
-            )
-        self.seed, self.length = int(seed), int(length)
-        self.min_side, self.max_side = int(min_side), int(max_side)
-        self.min_objects, self.max_objects = int(min_objects), int(max_objects)
+        self._set_draws(seed, length, min_side, max_side, min_objects, max_objects)
         self.name = f"procedural:seed{seed}"
         if (self.min_objects, self.max_objects) != (1, 3):
             self.name += f":objects={self.min_objects}-{self.max_objects}"

@@ -160,14 +160,7 @@ class UnseenShapesDataset(GeneratedDataset):
 
     def __init__(self, seed: int = 0, length: int = 1000, *, min_side: int = 192, max_side: int = 448,
                  min_objects: int = 1, max_objects: int = 4):
-        if length < 1 or min_side < 64 or max_side < min_side or not 1 <= min_objects <= max_objects:
-            raise ValueError(
-                f"need length >= 1, 64 <= min_side <= max_side and 1 <= min_objects <= max_objects; got length={length}, "
-                f"min_side={min_side}, max_side={max_side}, min_objects={min_objects}, max_objects={max_objects}"
-            )
-        self.seed, self.length = int(seed), int(length)
-        self.min_side, self.max_side = int(min_side), int(max_side)
-        self.min_objects, self.max_objects = int(min_objects), int(max_objects)
+        self._set_draws(seed, length, min_side, max_side, min_objects, max_objects)
         self.name = f"unseen:seed{self.seed}"
 
     def __getitem__(self, index: int) -> SegmentationSample:
