@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 
@@ -62,6 +63,42 @@ def test_heldout_values_never_occur_in_the_training_text(corpus):
     index = heldout_value_index(["Brelaford", "QX-4821-T"])
     assert index.find("... born in BRELAFORDSHIRE ...") == "brelaford"
     assert index.find("code qx-4821-t.") == "qx-4821-t" and index.find("QX-4822-T") is None
+
+
+def test_heldout_documents_extend_their_prompts_and_share_no_value_with_training(corpus):
+    out, meta = corpus
+    prompts = load_recall_eval(out / "eval" / "recall_heldout.jsonl")
+    documents = [json.loads(line) for line in (out / "eval" / "heldout_docs.jsonl").read_text().splitlines()]
+    assert [d["doc_id"] for d in documents] == [p["doc_id"] for p in prompts]
+    assert meta["eval"]["heldout_docs"] == str(out / "eval" / "heldout_docs.jsonl")
+    assert meta["eval"]["heldout_doc_tokens"] == sum(len(d["text"].encode()) for d in documents)
+    for prompt, document in zip(prompts, documents):
+        text = document["text"]
+        # the prompt is the document cut right before its asked answer, which follows in training format
+        assert text.startswith(prompt["text"])
+        assert text[len(prompt["text"]):].startswith(f" {prompt['value']}\n")
+        questions = [line for line in text.splitlines() if line.startswith("Q: ")]
+        answers = [line for line in text.splitlines() if line.startswith("A: ")]
+        assert len(questions) == len(answers) == prompt["shots"] + 1 and text.endswith(answers[-1] + "\n")
+    training = "\n".join(_train_documents(out)).lower()
+    records = heldout_eval_records(RecallCorpusConfig(seed=0, **SMALL))
+    assert [r["document"] for r in records] == [d["text"] for d in documents]
+    for record in records:
+        for value in record["all_values"]:
+            assert value in record["document"] and value.lower() not in training
+
+
+def test_files_written_before_heldout_docs_existed_are_unchanged(tmp_path):
+    # sha256 of the files as written before eval/heldout_docs.jsonl was added (same seed and settings)
+    expected = {
+        "train/recall_docs.jsonl": "432e86816a798461b227334c0fbc3fc8638d135c966ac207957057eb79c03815",
+        "eval/recall_heldout.jsonl": "d7fcf6e3334311dfa10dc72a55d61a93fbd7de59f33ba093ff383d0553c56e09",
+        "eval/recall_heldout_256-511.jsonl": "39df8dfb8588bb0c39548640800dca56baca67511bca8ebd65ca921f436a7e75",
+        "eval/recall_heldout_512-1023.jsonl": "f457e1131c2358139023dd9b759911ae833989cffdc48c1e9f39a0e7bd97474a",
+        "eval/recall_heldout_1024-2047.jsonl": "84ef9fef397dee533417c72998298bdcd4479faf84100fb6a42605a43457eaa4",
+    }
+    write_recall_corpus(tmp_path, seed=5, train_tokens=20_000, eval_docs=8)
+    assert {name: hashlib.sha256((tmp_path / name).read_bytes()).hexdigest() for name in expected} == expected
 
 
 def test_heldout_and_training_vocabularies_are_disjoint_by_hash(corpus):
@@ -146,6 +183,7 @@ def test_cli_writes_the_corpus(tmp_path, capsys):
     assert code == 0
     output = capsys.readouterr().out
     assert "held-out prompts" in output and (tmp_path / "meta.json").exists()
+    assert "held-out documents" in output and (tmp_path / "eval" / "heldout_docs.jsonl").exists()
     assert len(load_recall_records(tmp_path / "eval" / "recall_heldout.jsonl")) == 6
     assert main(["lm", "recall-corpus", "--out", str(tmp_path), "--mix-ratio", "0.5"]) == 1
     assert "mix_text" in capsys.readouterr().err

@@ -299,7 +299,7 @@ def convert(
 # ---------------------------------------------------------------------------------- recall corpus
 @lm_app.command("recall-corpus")
 def recall_corpus(
-    out: Path = typer.Option(..., "--out", help="Output folder: train/*.jsonl, eval/recall_heldout*.jsonl, meta.json."),
+    out: Path = typer.Option(..., "--out", help="Output folder: train/*.jsonl, eval/recall_heldout*.jsonl, eval/heldout_docs.jsonl, meta.json."),
     seed: int = typer.Option(0, help="Seed: the same seed writes the same files."),
     train_tokens: int = typer.Option(2_000_000, help="Training tokens (UTF-8 bytes) in all, mixed-in text included."),
     eval_docs: int = typer.Option(600, help="Held-out evaluation prompts (one per held-out document)."),
@@ -313,7 +313,8 @@ def recall_corpus(
 
     Training documents carry their answers inline; held-out prompts (entities never seen in training)
     go to eval/recall_heldout.jsonl, and per context-length bucket to eval/recall_heldout_<lo>-<hi>.jsonl,
-    for `linmix lm eval MODEL --recall FILE`.
+    for `linmix lm eval MODEL --recall FILE`; the whole held-out documents, answers inline, go to
+    eval/heldout_docs.jsonl for the corpus's held-out perplexity (`linmix lm eval MODEL --data FILE`).
 
     Example: linmix lm recall-corpus --out data/recall --seed 0 --train-tokens 2000000 --eval-docs 600
     """
@@ -333,3 +334,5 @@ def recall_corpus(
                + f" -> {out / 'train'}")
     buckets = ", ".join(f"{bucket}: {count}" for bucket, count in evaluation["by_length_bucket"].items())
     typer.echo(f"eval: {evaluation['records']:,} held-out prompts ({buckets} by context tokens) -> {evaluation['files']['all']}")
+    typer.echo(f"eval: {evaluation['records']:,} held-out documents, {evaluation['heldout_doc_tokens']:,} tokens "
+               f"(for perplexity) -> {evaluation['heldout_docs']}")

@@ -28,6 +28,8 @@ Outputs of :func:`write_recall_corpus` (``linmix lm recall-corpus``)::
     train/mix_text.jsonl         plain-text passages (e.g. Shakespeare) at the stated ratio, if asked
     eval/recall_heldout.jsonl    held-out prompts {"text", "value", metadata...} for `linmix lm eval --recall`
     eval/recall_heldout_<lo>-<hi>.jsonl   the same records split by context length (tokens)
+    eval/heldout_docs.jsonl      {"text", "doc_id"}: the whole held-out documents the prompts are cut from,
+                                 in training format (every question answered), for held-out perplexity
     meta.json                    the settings and counts
 
 Lengths are counted in tokens of the byte-level tokenizer (UTF-8 bytes: all text here is ASCII),
@@ -457,7 +459,8 @@ def _bucket(tokens: int, edges: tuple[int, ...]) -> str:
 def heldout_eval_records(config: RecallCorpusConfig) -> list[dict]:
     """The held-out prompts of ``config``, their context lengths spread evenly over the length buckets
     (log-uniform inside each). Each record also carries ``all_values``: every attribute value of its
-    document (what must never occur in training text; not written to the eval files)."""
+    document (what must never occur in training text), and ``document``: the whole document in training
+    format, of which ``text`` is a prefix (neither is written to the prompt files)."""
     edges = [max(config.min_tokens, e) for e in config.length_buckets if e < config.max_tokens] + [config.max_tokens]
     ranges = [(low, high) for low, high in zip(edges, edges[1:]) if high > low] or [(config.min_tokens, config.max_tokens)]
     records = []
@@ -476,7 +479,7 @@ def heldout_eval_records(config: RecallCorpusConfig) -> list[dict]:
             "length_bucket": _bucket(tokens, config.length_buckets), "num_records": len(document.records),
             "layout": document.layout, "schema": document.schema, "attribute": attribute, "record_index": record_index,
             "answer_distance_tokens": tokens - len(prompt[: prompt.index(answer)].encode()),
-            "shots": asked, "doc_id": f"heldout-{index}", "all_values": document.values,
+            "shots": asked, "doc_id": f"heldout-{index}", "all_values": document.values, "document": document.text(),
         })
     return records
 
@@ -560,12 +563,16 @@ def write_recall_corpus(out_dir, config: RecallCorpusConfig | None = None, **ove
     for stale in (out / "eval").glob("recall_heldout*.jsonl"):
         stale.unlink()
     eval_files = {"all": str(out / "eval" / "recall_heldout.jsonl")}
-    rows = [{k: v for k, v in record.items() if k != "all_values"} for record in records]
+    rows = [{k: v for k, v in record.items() if k not in ("all_values", "document")} for record in records]
     _write_jsonl(out / "eval" / "recall_heldout.jsonl", rows)
     for bucket in sorted({row["length_bucket"] for row in rows}, key=lambda b: int(b.split("-")[0])):
         path = out / "eval" / f"recall_heldout_{bucket.rstrip('-')}.jsonl"
         _write_jsonl(path, [row for row in rows if row["length_bucket"] == bucket])
         eval_files[bucket] = str(path)
+    # The complete held-out documents (answers inline, as training text is): `linmix lm eval --data` on
+    # this file gives the corpus's held-out perplexity on text no training document shares a value with.
+    heldout_docs_path = out / "eval" / "heldout_docs.jsonl"
+    _write_jsonl(heldout_docs_path, [{"text": record["document"], "doc_id": record["doc_id"]} for record in records])
 
     meta = {
         "config": dataclasses.asdict(config),
@@ -574,7 +581,8 @@ def write_recall_corpus(out_dir, config: RecallCorpusConfig | None = None, **ove
                   "layouts": layouts, "mix_passages": mix_passages, "mix_tokens": mix_bytes,
                   "mix_share": mix_bytes / max(1, mix_bytes + train_bytes)},
         "eval": {"records": len(rows), "heldout_values": len({value for r in records for value in r["all_values"]}),
-                 "files": eval_files,
+                 "files": eval_files, "heldout_docs": str(heldout_docs_path),
+                 "heldout_doc_tokens": sum(len(record["document"].encode()) for record in records),
                  "by_length_bucket": {b: sum(r["length_bucket"] == b for r in rows) for b in sorted({r["length_bucket"] for r in rows})}},
         "heldout_fraction_of_each_vocabulary": HELDOUT_FRACTION,
     }
