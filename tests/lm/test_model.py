@@ -38,6 +38,20 @@ def test_preset_parameter_counts_on_meta_device(name, expected):
     assert model.num_parameters() == pytest.approx(expected, rel=0.01)
 
 
+def test_small_presets_are_parameter_matched_with_the_byte_vocabulary():
+    # based-small, Transformer++, Mamba and sliding-window-only stacks train as equal-size peers
+    counts = {}
+    for name in ("based-small", "transformer-pp-small", "mamba-small", "sliding-window-small"):
+        with torch.device("meta"):
+            counts[name] = BasedForCausalLM.from_preset(name, vocab_size=257).num_parameters()
+    assert counts["based-small"] == 5_653_760
+    assert counts == {"based-small": 5_653_760, "transformer-pp-small": 5_658_880, "mamba-small": 5_655_144,
+                      "sliding-window-small": 5_658_880}
+    for name, count in counts.items():
+        assert count == pytest.approx(counts["based-small"], rel=0.02), name
+    assert preset("mamba-small").mlp_hidden == 0 and set(preset("mamba-small").layer_types) == {"mamba"}
+
+
 def test_config_errors_name_what_was_expected(tmp_path):
     with pytest.raises(ValueError, match="n_layer = 3"):
         BasedConfig(n_layer=3, layer_types=["base_conv"])
