@@ -220,7 +220,9 @@ def _bytes(count: int) -> str:
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "n/a"
-    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.2f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
 
 
 def main_table(results: dict) -> str:

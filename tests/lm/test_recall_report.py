@@ -85,7 +85,7 @@ def test_main_table_numbers(report):
     table = _table((out / "results.md").read_text(), "model")
     based_parameters = BasedForCausalLM(based_config).num_parameters()
     # 19,048 state bytes; 20 steps x 16 tokens; 10 s + 5 s of log windows
-    assert table["based"][:4] == [f"{based_parameters:,}", "18.60 KiB", "320", "0.2 min"]
+    assert table["based"][:4] == [f"{based_parameters:,}", "18.60 KiB", "320", "15.0 s"]
     assert table["based"][4:] == ["12.500", "3.5000", "4.250", "66.7% (4/6)", "100.0% (3) / 2 of 3"]
     # attention: keys and values of 2048 tokens, d 64, 4 layers, fp32 = 4 MiB; no tokens per step, no corpus ppl
     assert table["attention"] == [f"{BasedForCausalLM(attention_config).num_parameters():,}", "4.00 MiB", "n/a", "n/a",
