@@ -13,7 +13,8 @@
  * Training keeps the state at every `every`-th token (checkpoints[k] = h before token k * every,
  * layout [chunks, N, channels], channel-contiguous as the kernels hold it), 1/every of all states;
  * the backward recomputes the states of one chunk at a time from its checkpoint into a small buffer
- * ([every + 1, N, block] floats: stays in L2) and runs the reverse scan over it, with the adjoint
+ * ([every + 1, N, block] floats, and the decays [every, N, block]: stays in L2) and runs the reverse
+ * scan over it, with the adjoint
  *   g_t = dL/dh_t = g_{t+1} exp(delta_{t+1} A) + dy_t C_t
  * giving, with a_t = exp(delta_t A):
  *   dC_t[n]    = sum_c dy_t[c] h_t[c, n]          dB_t[n]  = sum_c g_t[c, n] delta_t[c] u_t[c]
@@ -114,11 +115,14 @@ int linmix_selective_scan_backward_f32(const float *restrict u, const float *res
     const int64_t N = state_size;
     if (c1 <= c0 || length <= 0) return 0;
     if (block <= 0 || block > TRAIN_MAX_BLOCK) block = TRAIN_MAX_BLOCK;
-    /* a[N][block], g[N][block], dA[N][block], then the chunk's states hs[every + 1][N][block] */
+    /* a[N][block], g[N][block], dA[N][block], the chunk's states hs[every + 1][N][block] and decays
+     * ds[every][N][block] (kept from the recomputation: reading them back from L2 is cheaper than a
+     * second exp) */
     const size_t plane = (size_t)(N * block);
-    float *work = malloc(sizeof(float) * plane * (size_t)(3 + every + 1));
+    float *work = malloc(sizeof(float) * plane * (size_t)(3 + every + 1 + every));
     if (!work) return 1;
     float *restrict a = work, *restrict g = work + plane, *restrict dA = work + 2 * plane, *restrict hs = work + 3 * plane;
+    float *restrict ds = hs + (every + 1) * plane;
     float dt[TRAIN_MAX_BLOCK], du[TRAIN_MAX_BLOCK], up_c[TRAIN_MAX_BLOCK], dy[TRAIN_MAX_BLOCK];
     float sum_gB[TRAIN_MAX_BLOCK], sum_ghaA[TRAIN_MAX_BLOCK], prod[TRAIN_MAX_BLOCK], prod2[TRAIN_MAX_BLOCK];
     const int64_t chunks = (length + every - 1) / every;
@@ -140,12 +144,14 @@ int linmix_selective_scan_backward_f32(const float *restrict u, const float *res
                 const float *restrict dp = delta + t * channels + cb, *restrict up = u + t * channels + cb;
                 const float *restrict bp = B + t * N;
                 const float *restrict prev = hs + (t - t0) * plane;
-                float *restrict next = hs + (t - t0 + 1) * plane;
+                float *restrict next = hs + (t - t0 + 1) * plane, *restrict decays = ds + (t - t0) * plane;
                 for (int64_t n = 0; n < N; ++n) {
                     const float bn = bp[n];
-                    for (int64_t c = 0; c < nb; ++c)
-                        next[n * block + c] = linmix_exp_nonpositive(dp[c] * a[n * block + c]) * prev[n * block + c]
-                                              + dp[c] * up[c] * bn;
+                    for (int64_t c = 0; c < nb; ++c) {
+                        const float decay = linmix_exp_nonpositive(dp[c] * a[n * block + c]);
+                        decays[n * block + c] = decay;
+                        next[n * block + c] = decay * prev[n * block + c] + dp[c] * up[c] * bn;
+                    }
                 }
             }
             for (int64_t t = t1 - 1; t >= t0; --t) {
@@ -153,6 +159,7 @@ int linmix_selective_scan_backward_f32(const float *restrict u, const float *res
                 const float *restrict gy = grad_y + t * channels + cb;
                 const float *restrict bp = B + t * N, *restrict cp = C + t * N;
                 const float *restrict prev = hs + (t - t0) * plane, *restrict cur = hs + (t - t0 + 1) * plane;
+                const float *restrict decays = ds + (t - t0) * plane;
                 float *restrict dB = grad_B + t * N, *restrict dC = grad_C + t * N;
                 for (int64_t c = 0; c < nb; ++c) {
                     dt[c] = dp[c];
@@ -166,8 +173,9 @@ int linmix_selective_scan_backward_f32(const float *restrict u, const float *res
                     const float bn = bp[n], cn = cp[n];
                     float *restrict gn = g + n * block, *restrict dAn = dA + n * block;
                     const float *restrict an = a + n * block, *restrict pn = prev + n * block, *restrict hn = cur + n * block;
+                    const float *restrict dn = decays + n * block;
                     for (int64_t c = 0; c < nb; ++c) {
-                        const float decay = linmix_exp_nonpositive(dt[c] * an[c]);
+                        const float decay = dn[c];
                         const float adjoint = gn[c] + dy[c] * cn;
                         const float through_decay = adjoint * pn[c] * decay;
                         dAn[c] += through_decay * dt[c];
