@@ -269,3 +269,22 @@ def test_mamba_lm_native_equals_torch(monkeypatch):
     assert grads.keys() == grads_t.keys() and any("A_log" in name for name in grads)
     for name in grads:
         assert_close_rms(grads[name], grads_t[name], 1e-4, f"grad {name}")
+
+
+def test_gradients_with_channel_slices_on_several_threads():
+    """One batch row over three threads: three channel slices whose dB and dC shares are summed."""
+    inputs = make_inputs(1, 41, 130, 6)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+        y, state = selective_scan(**leaves, delta_softplus=True, return_final_state=True, backend="native")
+        (y.sum() + state.sum()).backward()
+    finally:
+        torch.set_num_threads(threads)
+    leaves64 = {k: v.double().requires_grad_(True) for k, v in inputs.items()}
+    y64, state64 = selective_scan(**leaves64, delta_softplus=True, return_final_state=True, backend="torch")
+    (y64.sum() + state64.sum()).backward()
+    assert_close_rms(y, y64, TOLERANCE[torch.float32], "y")
+    for name in leaves:
+        assert_close_rms(leaves[name].grad, leaves64[name].grad, GRAD_TOLERANCE, f"grad {name}")
