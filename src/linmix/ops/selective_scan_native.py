@@ -22,6 +22,8 @@ class _NativeSelectiveScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, initial_state):
         every = native.TRAIN_CHECKPOINT_EVERY
+        # The kernels read channel-contiguous rows: copy once here and keep the copies for the backward.
+        u, delta, B, C = (t.contiguous() for t in (u, delta, B, C))
         y, final, checkpoints = native.selective_scan_forward_native(u, delta, A, B, C, initial_state, checkpoint_every=every)
         ctx.save_for_backward(u, delta, A, B, C, checkpoints)
         ctx.has_initial_state = initial_state is not None

@@ -438,6 +438,11 @@ def _detached(*tensors):
     return [None if t is None else t.detach().contiguous() for t in tensors]
 
 
+def _row_pointer(tensor: torch.Tensor | None, index: int) -> int | None:
+    """``tensor[index].data_ptr()`` without making the view (a contiguous tensor; None stays None)."""
+    return None if tensor is None else tensor.data_ptr() + index * tensor.stride(0) * tensor.element_size()
+
+
 def selective_scan_forward_native(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                                   C: torch.Tensor, initial_state: torch.Tensor | None = None, *,
                                   checkpoint_every: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -464,9 +469,9 @@ def selective_scan_forward_native(u: torch.Tensor, delta: torch.Tensor, A: torch
     for b in range(batch):
         for c0, c1 in _split(channels, max(1, -(-torch.get_num_threads() // batch)), align=_ALIGN):
             calls.append(functools.partial(
-                library.linmix_selective_scan_forward_f32, u[b].data_ptr(), delta[b].data_ptr(), A.data_ptr(),
-                B[b].data_ptr(), C[b].data_ptr(), None if initial_state is None else initial_state[b].data_ptr(),
-                y[b].data_ptr(), final[b].data_ptr(), None if checkpoints is None or state_size == 0 else checkpoints[b].data_ptr(),
+                library.linmix_selective_scan_forward_f32, _row_pointer(u, b), _row_pointer(delta, b), A.data_ptr(),
+                _row_pointer(B, b), _row_pointer(C, b), _row_pointer(initial_state, b), _row_pointer(y, b),
+                _row_pointer(final, b), None if state_size == 0 else _row_pointer(checkpoints, b),
                 length, channels, state_size, max(1, checkpoint_every), c0, c1, _TRAIN_BLOCK))
     if any(status != 0 for status in _run_parallel(calls)):
         raise MemoryError("selective_scan_forward_native: could not allocate the kernel's work buffers")
@@ -512,12 +517,11 @@ def selective_scan_backward_native(u: torch.Tensor, delta: torch.Tensor, A: torc
     for b in range(batch):
         for index, (c0, c1) in enumerate(slices):
             calls.append(functools.partial(
-                library.linmix_selective_scan_backward_f32, u[b].data_ptr(), delta[b].data_ptr(), A.data_ptr(),
-                B[b].data_ptr(), C[b].data_ptr(), checkpoints[b].data_ptr(), grad_y[b].data_ptr(),
-                None if grad_final is None else grad_final[b].data_ptr(), grad_u[b].data_ptr(), grad_delta[b].data_ptr(),
-                grad_A[b].data_ptr(), grad_B[index, b].data_ptr(), grad_C[index, b].data_ptr(),
-                None if grad_h0 is None else grad_h0[b].data_ptr(), length, channels, state_size, checkpoint_every,
-                c0, c1, _TRAIN_BLOCK))
+                library.linmix_selective_scan_backward_f32, _row_pointer(u, b), _row_pointer(delta, b), A.data_ptr(),
+                _row_pointer(B, b), _row_pointer(C, b), _row_pointer(checkpoints, b), _row_pointer(grad_y, b),
+                _row_pointer(grad_final, b), _row_pointer(grad_u, b), _row_pointer(grad_delta, b), _row_pointer(grad_A, b),
+                _row_pointer(grad_B[index], b), _row_pointer(grad_C[index], b), _row_pointer(grad_h0, b), length,
+                channels, state_size, checkpoint_every, c0, c1, _TRAIN_BLOCK))
     if any(status != 0 for status in _run_parallel(calls)):
         raise MemoryError("selective_scan_backward_native: could not allocate the kernel's work buffers")
     return grad_u, grad_delta, grad_A.sum(0), grad_B.sum(0), grad_C.sum(0), grad_h0
