@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from linmix.lm import BasedForCausalLM
 from linmix.mqar.models import MQARModel, MQARModelConfig
+from linmix.mqar.presets import get_preset
 from linmix.ops.dispatch import FORCE_REFERENCE_ENV
 
 
@@ -40,7 +41,7 @@ def _lm_case(batch: int, length: int):
 
 
 def _mqar_case(batch: int, length: int):
-    vocab = 512  # the cpu preset's vocabulary
+    vocab = get_preset("cpu").vocab_size
     model = MQARModel(MQARModelConfig("mamba", 64, d_state=16), vocab, length)
     ids = torch.randint(0, vocab, (batch, length))
     targets = torch.randint(0, vocab, (batch, length))
