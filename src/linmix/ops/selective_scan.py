@@ -1,5 +1,6 @@
-"""Mamba-1 selective scan (S6): the reference, a chunked PyTorch fast path, and a one-token step;
-and :func:`cross_scan_selective_scan`, K scans over one 2D token grid in different orders, summed
+"""Mamba-1 selective scan (S6): the reference, a chunked PyTorch fast path, a native C scan with its
+backward for fp32 CPU training and inference (:mod:`linmix.ops.selective_scan_native`, chosen by
+:func:`selective_scan`'s ``backend="auto"``), and a one-token step; and :func:`cross_scan_selective_scan`, K scans over one 2D token grid in different orders, summed
 (VMamba's cross-scan, Vim's bidirectional scan), with a native C kernel for CPU inference and a
 Triton kernel for CUDA (see its docstring and the section at the end of this file).
 
