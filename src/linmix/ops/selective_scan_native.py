@@ -12,6 +12,7 @@ recomputes each chunk's states from them, so memory stays close to the torch pat
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from linmix.ops import native
 
@@ -31,6 +32,7 @@ class _NativeSelectiveScan(torch.autograd.Function):
         return y, final
 
     @staticmethod
+    @once_differentiable  # the backward is a kernel too: no second derivative
     def backward(ctx, grad_y, grad_final):
         u, delta, A, B, C, checkpoints = ctx.saved_tensors
         grad_u, grad_delta, grad_A, grad_B, grad_C, grad_h0 = native.selective_scan_backward_native(
