@@ -1,4 +1,5 @@
-"""selective_scan (chunked fast path) and selective_scan_step against the sequential reference."""
+"""selective_scan (chunked torch path, and its default backend) and selective_scan_step against the sequential
+reference (the native training scan has its own tests: test_selective_scan_native_train.py)."""
 
 from __future__ import annotations
 
@@ -45,12 +46,13 @@ OPTIONS = {
 }
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])  # auto: the native scan on CPU where it builds
 @pytest.mark.parametrize("length", [1, 15, 63, 500])
 @pytest.mark.parametrize("option", list(OPTIONS))
-def test_fast_matches_reference_fp32(length, option):
+def test_fast_matches_reference_fp32(length, option, backend):
     inputs = make_inputs(length=length, **OPTIONS[option])
     softplus = "delta_bias" in inputs
-    y, state = selective_scan(**inputs, delta_softplus=softplus, return_final_state=True)
+    y, state = selective_scan(**inputs, delta_softplus=softplus, return_final_state=True, backend=backend)
     y_ref, state_ref = reference(inputs, softplus, return_final_state=True)
     assert y.dtype == torch.float32 and state.dtype == torch.float32
     assert_close_rms(y, y_ref, TOLERANCE[torch.float32], "y")
@@ -65,7 +67,7 @@ def test_fast_matches_reference_long_sequence():
 @pytest.mark.parametrize("chunk_size", [1, 7, 10, 16, 50, 64])
 def test_chunk_sizes_dividing_or_not(chunk_size):
     inputs = make_inputs(length=50, initial=True, skip=True)
-    y, state = selective_scan(**inputs, chunk_size=chunk_size, return_final_state=True)
+    y, state = selective_scan(**inputs, chunk_size=chunk_size, return_final_state=True, backend="torch")
     y_ref, state_ref = reference(inputs, return_final_state=True)
     assert_close_rms(y, y_ref, TOLERANCE[torch.float32], f"chunk {chunk_size}")
     assert_close_rms(state, state_ref, TOLERANCE[torch.float32], f"state, chunk {chunk_size}")
@@ -74,7 +76,7 @@ def test_chunk_sizes_dividing_or_not(chunk_size):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_inputs_computed_in_fp32(dtype):
     inputs = make_inputs(length=63, skip=True, gate=True, dtype=dtype)
-    y, state = selective_scan(**inputs, return_final_state=True, chunk_size=8)
+    y, state = selective_scan(**inputs, return_final_state=True, chunk_size=8, backend="torch")
     assert y.dtype == dtype and state.dtype == torch.float32
     y_ref, state_ref = reference(inputs, return_final_state=True)
     assert_close_rms(y, y_ref, TOLERANCE[torch.bfloat16], str(dtype))
@@ -93,7 +95,7 @@ def test_large_decays_stay_finite():
     inputs = make_inputs(length=200, channels=8, state_size=4)
     inputs["delta"] = inputs["delta"] * 20
     inputs["A"] = inputs["A"] * 25
-    y = selective_scan(**inputs, chunk_size=200)
+    y = selective_scan(**inputs, chunk_size=200, backend="torch")
     assert torch.isfinite(y).all()
     assert_close_rms(y, reference(inputs), TOLERANCE[torch.float32], "large decays")
 
@@ -106,7 +108,7 @@ def test_gradients_match_reference(option):
     leaves64 = {k: v.double().requires_grad_(True) for k, v in inputs.items()}
     weights = torch.randn(2, 37, 6)
     state_weights = torch.randn(2, 6, 4)
-    y, state = selective_scan(**leaves, delta_softplus=softplus, return_final_state=True, chunk_size=8)
+    y, state = selective_scan(**leaves, delta_softplus=softplus, return_final_state=True, chunk_size=8, backend="torch")
     ((y * weights).sum() + (state * state_weights).sum()).backward()
     y_ref, state_ref = selective_scan_reference(**leaves64, delta_softplus=softplus, return_final_state=True)
     ((y_ref * weights.double()).sum() + (state_ref * state_weights.double()).sum()).backward()

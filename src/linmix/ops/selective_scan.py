@@ -1,5 +1,6 @@
-"""Mamba-1 selective scan (S6): the reference, a chunked PyTorch fast path, and a one-token step;
-and :func:`cross_scan_selective_scan`, K scans over one 2D token grid in different orders, summed
+"""Mamba-1 selective scan (S6): the reference, a chunked PyTorch fast path, a native C scan with its
+backward for fp32 CPU training and inference (:mod:`linmix.ops.selective_scan_native`, chosen by
+:func:`selective_scan`'s ``backend="auto"``), and a one-token step; and :func:`cross_scan_selective_scan`, K scans over one 2D token grid in different orders, summed
 (VMamba's cross-scan, Vim's bidirectional scan), with a native C kernel for CPU inference and a
 Triton kernel for CUDA (see its docstring and the section at the end of this file).
 
@@ -50,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from linmix.ops import dispatch, native
+from linmix.ops.selective_scan_native import native_scan
 
 from linmix.ops.selective_scan_torch import (
     BIDIRECTIONAL_DIRECTIONS,
@@ -70,7 +72,7 @@ from ._checks import require_positive_int, require_shape, tracing_or_exporting
 
 __all__ = [
     "BIDIRECTIONAL_DIRECTIONS", "CROSS_SCAN_DIRECTIONS", "SCAN_DIRECTIONS", "cross_scan_selective_scan",
-    "cross_scan_selective_scan_reference", "from_scan_order", "native_cross_scan_applies", "scan_order_table", "selective_scan",
+    "cross_scan_selective_scan_reference", "from_scan_order", "native_cross_scan_applies", "native_scan_applies", "scan_order_table", "selective_scan",
     "selective_scan_reference", "selective_scan_step", "to_scan_order",
 ]
 
@@ -159,8 +161,11 @@ def selective_scan(
     initial_state: torch.Tensor | None = None,
     return_final_state: bool = False,
     chunk_size: int | None = None,
+    *,
+    backend: str = "auto",
 ):
-    """Chunked selective scan (the fast path for training and prefill; any device).
+    """Selective scan for training and prefill: the native C scan with its backward for fp32 CPU
+    tensors, else the chunked torch recurrence (any device).
 
     Args:
         u, delta: ``[B, T, D]``; A: ``[D, N]``; B, C: ``[B, T, N]``.
@@ -168,14 +173,20 @@ def selective_scan(
         delta_softplus: apply softplus to ``delta + delta_bias``.
         initial_state: ``[B, D, N]`` state to continue from (default zeros).
         return_final_state: also return the final state ``[B, D, N]``.
-        chunk_size: tokens per chunk L (default about sqrt(T / 2), a power of two); any positive
-            value gives the same result up to rounding, T need not be a multiple of it.
+        chunk_size: tokens per chunk L of the torch path (default about sqrt(T / 2), a power of
+            two); any positive value gives the same result up to rounding, T need not be a multiple of it.
+        backend: "auto" (the native C scan, :mod:`linmix.ops.selective_scan_native`, where
+            :func:`native_scan_applies`: fp32 compute on CPU, eager mode, ``A <= 0``, step sizes
+            ``>= 0``, ``LINMIX_FORCE_REFERENCE`` unset, the kernels built; differentiable, so also
+            for training; else torch), "torch" (the chunked recurrence) or "native" (forced; an
+            error where it cannot run). The skip, gate, bias and softplus are torch ops either way.
 
     Returns:
         ``y: [B, T, D]`` in ``u.dtype``; with ``return_final_state`` the tuple ``(y, h)`` with
         ``h: [B, D, N]`` in the compute dtype (fp32 unless an input is fp64).
     """
     batch, length, channels, state_size = _check_sequence_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    dispatch.check_backend(backend, ("auto", "torch", "native"))
     if chunk_size is not None:
         require_positive_int("chunk_size", chunk_size)
     dtype = _compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
@@ -190,9 +201,50 @@ def selective_scan(
             state = u.new_zeros(batch, channels, state_size)
         return (y, state) if return_final_state else y
 
-    y, final = _chunked_scan(u, delta, A, B, C, state, chunk_size or _default_chunk_size(length))
+    if _use_native_scan(backend, u, delta, A, B, C, state, delta_softplus):
+        y, final = native_scan(u, delta, A, B, C, state)
+    else:
+        y, final = _chunked_scan(u, delta, A, B, C, state, chunk_size or _default_chunk_size(length))
     y = _finish_output(y, u, D, z, dtype).to(out_dtype)
     return (y, final) if return_final_state else y
+
+
+def _native_scan_reasons(u, delta, A, B, C, initial_state, delta_softplus: bool) -> list[str]:
+    """What the inputs (after the bias and softplus, in the compute dtype) lack for the native scan."""
+    tensors = [t for t in (u, delta, A, B, C, initial_state) if t is not None]
+    reasons = native.ineligible(*tensors, differentiable=True)
+    if reasons:
+        return reasons
+    # The kernel's exponential is for non-positive arguments: delta * A <= 0.
+    if not bool((A <= 0).all()):
+        reasons.append("A <= 0")
+    if not delta_softplus and not bool((delta >= 0).all()):
+        reasons.append("delta + delta_bias >= 0 (or delta_softplus=True)")
+    return reasons
+
+
+def native_scan_applies(u, delta, A, B, C, initial_state=None, *, delta_softplus: bool = False) -> bool:
+    """Whether :func:`selective_scan` (``backend="auto"``) runs the native C scan on these inputs
+    (``delta`` after its bias and softplus, all in the compute dtype): fp32 CPU tensors, eager mode
+    (not tracing, exporting or compiling), ``A <= 0``, ``delta >= 0``, ``LINMIX_FORCE_REFERENCE``
+    unset and the kernels built. Autograd may record: the native scan has a backward."""
+    tensors = [t for t in (u, delta, A, B, C, initial_state) if t is not None]
+    if tracing_or_exporting(*tensors) or dispatch.reference_forced():
+        return False
+    return not _native_scan_reasons(u, delta, A, B, C, initial_state, delta_softplus) and native.available()
+
+
+def _use_native_scan(backend, u, delta, A, B, C, initial_state, delta_softplus) -> bool:
+    if backend == "torch":
+        return False
+    if backend == "auto":
+        return native_scan_applies(u, delta, A, B, C, initial_state, delta_softplus=delta_softplus)
+    reasons = _native_scan_reasons(u, delta, A, B, C, initial_state, delta_softplus)
+    if reasons:
+        raise ValueError("backend='native' needs " + ", ".join(reasons))
+    if not native.available():
+        raise RuntimeError("backend='native' requested but the native CPU kernels are unavailable: " + native.unavailable_reason())
+    return True
 
 
 def selective_scan_step(

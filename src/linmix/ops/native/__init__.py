@@ -11,6 +11,10 @@ passes besides its GEMMs. These kernels replace the heaviest:
 - :func:`cross_selective_scan_native`: Mamba-1 selective scans over a token grid in up to four orders
   (VMamba's cross-scan), summed, with the state in L1 and no permuted copies (``selective_scan.c``),
   instead of a chunked torch scan over four permuted copies of every input;
+- :func:`selective_scan_forward_native`, :func:`selective_scan_backward_native`: one Mamba-1 scan
+  (no skip, no gate) and its gradients, for training (``selective_scan_train.c``): the forward keeps
+  the state every :data:`TRAIN_CHECKPOINT_EVERY` tokens, the backward recomputes each chunk's states
+  from it and runs the reverse scan; :mod:`linmix.ops.selective_scan_native` wraps them in autograd;
 - :func:`relu_square_`, :func:`sigmoid_mul_`: the channel mix's ``relu(x)^2`` and ``sigmoid(g) * y``
   in place, one pass each (``elementwise.c``), where torch needs two ops and a temporary.
 
@@ -24,7 +28,7 @@ How it is built and loaded, and when it is not used:
 - No compiler or a failed build: :func:`available` is False and the callers take their torch path
   (same values); :func:`unavailable_reason` says why. ``LINMIX_FORCE_REFERENCE=1`` makes the
   callers' ``backend="auto"`` skip these kernels too.
-- Forward only: the callers use it for fp32 CPU tensors when autograd is not recording, and never
+- Forward only (except the training scan): the callers use it for fp32 CPU tensors when autograd is not recording, and never
   while tracing, exporting or compiling (a graph cannot call into ctypes: the torch path is traced).
 
 Work is split across ``torch.get_num_threads()`` threads (Bi-WKV by channel slices, the shift by
@@ -53,11 +57,11 @@ from linmix.ops._checks import tracing_or_exporting
 
 __all__ = [
     "available", "bi_wkv_native", "cache_dir", "cross_selective_scan_native", "ineligible", "library_path", "q_shift_lerp_native", "relu_square_",
-    "sigmoid_mul_", "unavailable_reason", "usable",
+    "selective_scan_backward_native", "selective_scan_forward_native", "sigmoid_mul_", "unavailable_reason", "usable",
 ]
 
 CACHE_ENV = "LINMIX_CACHE_DIR"
-_SOURCES = ("bi_wkv.c", "q_shift.c", "elementwise.c", "selective_scan.c")
+_SOURCES = ("bi_wkv.c", "q_shift.c", "elementwise.c", "selective_scan.c", "selective_scan_train.c")
 _HEADERS = ("fast_math.h",)
 _FLAGS = ("-O3", "-march=native", "-std=c99", "-fPIC", "-shared") + (
     ("-mprefer-vector-width=512",) if platform.machine().lower() in ("x86_64", "amd64") else ()  # full AVX-512 width where present
@@ -149,6 +153,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         "linmix_relu_square_f32": (None, 1, 2),
         "linmix_sigmoid_mul_f32": (None, 2, 2),
         "linmix_cross_selective_scan_f32": (ctypes.c_int, 10, 13),
+        "linmix_selective_scan_forward_f32": (ctypes.c_int, 9, 7),
+        "linmix_selective_scan_backward_f32": (ctypes.c_int, 14, 7),
     }
     for name, (restype, pointers, integers) in signatures.items():
         function = getattr(library, name)
@@ -167,27 +173,28 @@ def unavailable_reason() -> str:
     return _load()[1]
 
 
-def ineligible(*tensors: torch.Tensor) -> list[str]:
+def ineligible(*tensors: torch.Tensor, differentiable: bool = False) -> list[str]:
     """What these inputs lack for the native kernels (empty when they qualify): fp32 CPU tensors,
-    autograd not recording (the kernels are forward only), eager mode (not tracing or exporting)."""
+    autograd not recording (the kernels are forward only; ``differentiable=True`` for a kernel with
+    a backward, which autograd may record), eager mode (not tracing or exporting)."""
     reasons = []
     if not all(t.device.type == "cpu" for t in tensors):
         reasons.append("CPU tensors")
     if not all(t.dtype == torch.float32 for t in tensors):
         reasons.append("fp32 inputs")
-    if dispatch.needs_autograd(*tensors):
+    if not differentiable and dispatch.needs_autograd(*tensors):
         reasons.append("no autograd (the kernel is forward only)")
     if tracing_or_exporting(*tensors):
         reasons.append("eager mode (not tracing or exporting)")
     return reasons
 
 
-def usable(*tensors: torch.Tensor) -> bool:
+def usable(*tensors: torch.Tensor, differentiable: bool = False) -> bool:
     """Whether a ``backend="auto"`` caller should run the native kernel on these inputs: they qualify
     (:func:`ineligible` is empty), ``LINMIX_FORCE_REFERENCE`` is not set, and the kernels built."""
     if tracing_or_exporting(*tensors):  # decided before anything else: a graph never calls into ctypes
         return False
-    return not dispatch.reference_forced() and not ineligible(*tensors) and available()
+    return not dispatch.reference_forced() and not ineligible(*tensors, differentiable=differentiable) and available()
 
 
 def _library() -> ctypes.CDLL:
@@ -399,3 +406,122 @@ def cross_selective_scan_native(u: torch.Tensor, delta: torch.Tensor, A: torch.T
     if any(status != 0 for status in _run_parallel(calls)):
         raise MemoryError("cross_selective_scan_native: could not allocate the kernel's work buffers")
     return y
+
+
+_TRAIN_BLOCK = 128  # channels per block of the training scan (measured fastest of 32-256 at D = 512, N = 16)
+#: Tokens between the states the training forward keeps for the backward (it recomputes the rest):
+#: 1/32 of all states in memory, and a chunk's recomputed states and decays (65 x N x 128 floats,
+#: 530 kB at N = 16) stay in L2.
+TRAIN_CHECKPOINT_EVERY = 32
+
+
+def _check_scan_inputs(name: str, u, delta, A, B, C, **extra) -> tuple[int, int, int, int]:
+    """Shapes (u, delta [Bt, T, D]; A [D, N]; B, C [Bt, T, N]; extras by their expected shape), fp32 CPU."""
+    if u.dim() != 3 or A.dim() != 2:
+        raise ValueError(f"{name} needs u [B, T, D] and A [D, N], got u {tuple(u.shape)}, A {tuple(A.shape)}")
+    batch, length, channels = u.shape
+    state_size = A.shape[1]
+    expected = {"delta": (delta, (batch, length, channels)), "A": (A, (channels, state_size)),
+                "B": (B, (batch, length, state_size)), "C": (C, (batch, length, state_size))}
+    sizes = {"[B, D, N]": (batch, channels, state_size), "[B, T, D]": (batch, length, channels)}
+    expected.update({key: (tensor, sizes[layout]) for key, (tensor, layout) in extra.items()})
+    for key, (tensor, shape) in expected.items():
+        if tensor is not None and tuple(tensor.shape) != shape:
+            raise ValueError(f"{name}: {key} must have shape {shape}, got {tuple(tensor.shape)}")
+    tensors = [u, delta, A, B, C] + [t for t, _ in extra.values() if t is not None]
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+        raise ValueError(f"{name} needs fp32 CPU tensors")
+    return batch, length, channels, state_size
+
+
+def _detached(*tensors):
+    return [None if t is None else t.detach().contiguous() for t in tensors]
+
+
+def _row_pointer(tensor: torch.Tensor | None, index: int) -> int | None:
+    """``tensor[index].data_ptr()`` without making the view (a contiguous tensor; None stays None)."""
+    return None if tensor is None else tensor.data_ptr() + index * tensor.stride(0) * tensor.element_size()
+
+
+def selective_scan_forward_native(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                                  C: torch.Tensor, initial_state: torch.Tensor | None = None, *,
+                                  checkpoint_every: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The Mamba-1 scan without skip or gate, one direction, fp32 CPU (``selective_scan_train.c``).
+
+    ``u, delta: [B, T, D]`` (delta already biased and softplus'd, ``>= 0``), ``A: [D, N]`` with
+    ``A <= 0`` (the caller checks both: the kernel's exp is for non-positive arguments),
+    ``B, C: [B, T, N]``, ``initial_state: [B, D, N]`` or None (zeros). Returns ``(y [B, T, D],
+    final state [B, D, N], checkpoints)``: with ``checkpoint_every = K > 0`` the states before
+    tokens 0, K, 2K, ... as ``[B, ceil(T / K), N, D]`` for :func:`selective_scan_backward_native`,
+    else None. Not differentiable itself (see :mod:`linmix.ops.selective_scan_native`).
+    """
+    library = _library()
+    batch, length, channels, state_size = _check_scan_inputs("selective_scan_forward_native", u, delta, A, B, C,
+                                                             initial_state=(initial_state, "[B, D, N]"))
+    u, delta, A, B, C, initial_state = _detached(u, delta, A, B, C, initial_state)
+    y = torch.empty((batch, length, channels), dtype=torch.float32)
+    final = torch.zeros((batch, channels, state_size), dtype=torch.float32) if initial_state is None else initial_state.clone()
+    chunks = -(-length // checkpoint_every) if checkpoint_every > 0 else 0
+    checkpoints = torch.empty((batch, chunks, state_size, channels), dtype=torch.float32) if checkpoint_every > 0 else None
+    if length == 0 or channels == 0:
+        return y, final, checkpoints
+    calls = []
+    for b in range(batch):
+        for c0, c1 in _split(channels, max(1, -(-torch.get_num_threads() // batch)), align=_ALIGN):
+            calls.append(functools.partial(
+                library.linmix_selective_scan_forward_f32, _row_pointer(u, b), _row_pointer(delta, b), A.data_ptr(),
+                _row_pointer(B, b), _row_pointer(C, b), _row_pointer(initial_state, b), _row_pointer(y, b),
+                _row_pointer(final, b), None if state_size == 0 else _row_pointer(checkpoints, b),
+                length, channels, state_size, max(1, checkpoint_every), c0, c1, _TRAIN_BLOCK))
+    if any(status != 0 for status in _run_parallel(calls)):
+        raise MemoryError("selective_scan_forward_native: could not allocate the kernel's work buffers")
+    return y, final, checkpoints
+
+
+def selective_scan_backward_native(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                                   C: torch.Tensor, checkpoints: torch.Tensor, grad_y: torch.Tensor | None,
+                                   grad_final: torch.Tensor | None, *, checkpoint_every: int,
+                                   initial_state_grad: bool) -> tuple[torch.Tensor, ...]:
+    """The gradients of :func:`selective_scan_forward_native`'s ``y`` and final state, given
+    ``grad_y [B, T, D]`` and ``grad_final [B, D, N]`` (either None for zeros) and the forward's
+    ``checkpoints`` taken every ``checkpoint_every`` tokens.
+
+    Returns ``(du, ddelta, dA, dB, dC, d_initial_state)`` (the last None unless ``initial_state_grad``).
+    Each (batch element, channel slice) call adds its share of dB and dC into its own buffers and
+    writes its rows of a per-batch-element dA; they are summed here.
+    """
+    library = _library()
+    batch, length, channels, state_size = _check_scan_inputs(
+        "selective_scan_backward_native", u, delta, A, B, C, grad_y=(grad_y, "[B, T, D]"), grad_final=(grad_final, "[B, D, N]"))
+    chunks = -(-length // checkpoint_every) if checkpoint_every > 0 else -1
+    if tuple(checkpoints.shape) != (batch, chunks, state_size, channels):
+        raise ValueError(f"checkpoints must have shape {(batch, chunks, state_size, channels)} (every {checkpoint_every} "
+                         f"tokens), got {tuple(checkpoints.shape)}")
+    u, delta, A, B, C, checkpoints, grad_y, grad_final = _detached(u, delta, A, B, C, checkpoints, grad_y, grad_final)
+    if grad_y is None:
+        grad_y = torch.zeros((batch, length, channels), dtype=torch.float32)
+    slices = _split(channels, max(1, -(-torch.get_num_threads() // batch)), align=_ALIGN)
+    grad_u = torch.empty((batch, length, channels), dtype=torch.float32)
+    grad_delta = torch.empty_like(grad_u)
+    grad_A = torch.zeros((batch, channels, state_size), dtype=torch.float32)
+    grad_B = torch.zeros((max(1, len(slices)), batch, length, state_size), dtype=torch.float32)
+    grad_C = torch.zeros_like(grad_B)
+    grad_h0 = torch.empty((batch, channels, state_size), dtype=torch.float32) if initial_state_grad else None
+    if length == 0 or channels == 0 or state_size == 0:
+        grad_u.zero_()
+        grad_delta.zero_()
+        if grad_h0 is not None:
+            grad_h0.copy_(grad_final if grad_final is not None else torch.zeros_like(grad_h0))
+        return grad_u, grad_delta, grad_A.sum(0), grad_B.sum(0), grad_C.sum(0), grad_h0
+    calls = []
+    for b in range(batch):
+        for index, (c0, c1) in enumerate(slices):
+            calls.append(functools.partial(
+                library.linmix_selective_scan_backward_f32, _row_pointer(u, b), _row_pointer(delta, b), A.data_ptr(),
+                _row_pointer(B, b), _row_pointer(C, b), _row_pointer(checkpoints, b), _row_pointer(grad_y, b),
+                _row_pointer(grad_final, b), _row_pointer(grad_u, b), _row_pointer(grad_delta, b), _row_pointer(grad_A, b),
+                _row_pointer(grad_B[index], b), _row_pointer(grad_C[index], b), _row_pointer(grad_h0, b), length,
+                channels, state_size, checkpoint_every, c0, c1, _TRAIN_BLOCK))
+    if any(status != 0 for status in _run_parallel(calls)):
+        raise MemoryError("selective_scan_backward_native: could not allocate the kernel's work buffers")
+    return grad_u, grad_delta, grad_A.sum(0), grad_B.sum(0), grad_C.sum(0), grad_h0
