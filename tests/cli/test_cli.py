@@ -20,7 +20,8 @@ EXPECTED_COMMANDS = {
     "main": [("tour",), ("serve",), ("bench",)],
     "sam": [("sam", "segment"), ("sam", "auto"), ("sam", "export-onnx")],
     "sam_train": [("sam", "train"), ("sam", "eval"), ("sam", "dump-teacher")],
-    "lm": [("lm", "train"), ("lm", "generate"), ("lm", "eval"), ("lm", "convert")],
+    "lm": [("lm", "train"), ("lm", "generate"), ("lm", "eval"), ("lm", "convert"), ("lm", "recall-corpus"),
+           ("lm", "train-tokenizer")],
     "mqar": [("mqar", "run"), ("mqar", "report")],
 }
 OWN_MODULES = ("main", "sam")

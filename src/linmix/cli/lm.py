@@ -1,4 +1,4 @@
-"""`linmix lm train | eval | lm-eval-task | install-lm-eval-hook`: training and evaluating LMs."""
+"""`linmix lm train | eval | lm-eval-task | install-lm-eval-hook | generate | convert | recall-corpus | train-tokenizer`: LMs."""
 from __future__ import annotations
 
 import json
@@ -336,3 +336,39 @@ def recall_corpus(
     typer.echo(f"eval: {evaluation['records']:,} held-out prompts ({buckets} by context tokens) -> {evaluation['files']['all']}")
     typer.echo(f"eval: {evaluation['records']:,} held-out documents, {evaluation['heldout_doc_tokens']:,} tokens "
                f"(for perplexity) -> {evaluation['heldout_docs']}")
+
+
+# ------------------------------------------------------------------------------ train a tokenizer
+# Bytes per token is measured on the first this-many UTF-8 bytes of the data (whole documents).
+TOKENIZER_SAMPLE_BYTES = 1_000_000
+
+
+@lm_app.command("train-tokenizer")
+def train_tokenizer(
+    data: Path = typer.Option(..., "--data", help="Training text, as `lm train --data` takes it: a .txt/.jsonl/.parquet file or a folder of them."),
+    vocab_size: int = typer.Option(..., "--vocab-size", help="Vocabulary size: 256 bytes + <|endoftext|> + the learned merges (at least 258)."),
+    out: Path = typer.Option(..., "--out", help="The tokenizer.json to write (parent folders are created)."),
+    text_field: str = typer.Option("text", help="Field (.jsonl) or column (.parquet) holding the text."),
+) -> None:
+    """Train a byte-level BPE tokenizer (GPT-2 style, end-of-text token <|endoftext|>) on local text.
+
+    Any UTF-8 text round-trips exactly (except the literal string <|endoftext|>, which becomes that token).
+    The file works with `linmix lm train --tokenizer FILE`; the same data and vocabulary size write the same bytes.
+
+    Example: linmix lm train-tokenizer --data data/recall/train --vocab-size 2048 --out data/recall-bpe/tokenizer.json
+    """
+    from linmix.lm.data import iter_documents, list_sources
+    from linmix.lm.tokenizers import bytes_per_token, train_bpe_tokenizer
+
+    list_sources(data)  # a missing or unreadable --data fails before training starts
+    tokenizer = train_bpe_tokenizer(iter_documents(data, text_field=text_field), vocab_size)
+    path = tokenizer.save_file(out)
+    sample, sample_bytes = [], 0
+    for document in iter_documents(data, text_field=text_field):
+        sample.append(document)
+        sample_bytes += len(document.encode("utf-8"))
+        if sample_bytes >= TOKENIZER_SAMPLE_BYTES:
+            break
+    typer.echo(f"vocab size {tokenizer.vocab_size:,} (end-of-text id {tokenizer.eos_token_id}); "
+               f"{bytes_per_token(tokenizer, sample):.3f} bytes per token on {len(sample):,} documents "
+               f"({sample_bytes:,} bytes) -> {path}")

@@ -76,9 +76,14 @@ class HFTokenizer:
         return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
 
     def save(self, directory: str | Path) -> None:
-        path = Path(directory) / HF_TOKENIZER_FILE
+        self.save_file(Path(directory) / HF_TOKENIZER_FILE)
+
+    def save_file(self, path: str | Path) -> Path:
+        """Write the tokenizer.json to ``path`` (parent folders created), as the library writes it."""
+        path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._tokenizer.save(str(path))
+        return path
 
     def fingerprint(self) -> str:
         import hashlib
@@ -139,14 +144,49 @@ def load_tokenizer(spec: str | Path | None = None, *, eos_token: str | None = No
     return HFTokenizer(tokenizer, name=str(path), eos_token=eos_token)
 
 
-def train_bpe_tokenizer(texts, vocab_size: int, *, eos_token: str = "<|endoftext|>"):
-    """A byte-level BPE tokenizer (GPT-2 style) trained on an iterable of strings, locally."""
+# The smallest useful byte-level BPE vocabulary: the 256 byte symbols, the end-of-text token, one merge.
+MIN_BPE_VOCAB_SIZE = 256 + 1 + 1
+EOS_TOKEN = "<|endoftext|>"
+
+
+def train_bpe_tokenizer(texts, vocab_size: int, *, eos_token: str = EOS_TOKEN):
+    """A byte-level BPE tokenizer (GPT-2 style) trained on an iterable of strings, locally.
+
+    The recipe is the plain ``tokenizers`` one (BPE model, ByteLevel pre-tokenizer without a prefix
+    space, ByteLevel decoder, the 256-symbol byte alphabet, ``eos_token`` as the only special token),
+    so the saved file is byte-identical to what that recipe writes on the same texts, in any order.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < MIN_BPE_VOCAB_SIZE:
+        raise ValueError(f"vocab_size must be at least {MIN_BPE_VOCAB_SIZE} (256 bytes + the end-of-text token "
+                         f"+ at least one merge), got {vocab_size}")
+    seen_text = False
+
+    def non_empty(texts):
+        nonlocal seen_text
+        for text in texts:
+            if text:
+                seen_text = True
+            yield text
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[eos_token],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator(texts, trainer=trainer)
+    tokenizer.train_from_iterator(non_empty(texts), trainer=trainer)
+    if not seen_text:
+        raise ValueError("no text to train a tokenizer on (every document was empty)")
     return HFTokenizer(tokenizer, name=f"bpe-{vocab_size}", eos_token=eos_token)
+
+
+def bytes_per_token(tokenizer, texts) -> float:
+    """UTF-8 bytes per token of ``tokenizer`` over ``texts`` (higher = better compression)."""
+    n_bytes = n_tokens = 0
+    for text in texts:
+        n_bytes += len(text.encode("utf-8"))
+        n_tokens += len(tokenizer.encode(text))
+    if n_tokens == 0:
+        raise ValueError("no tokens in the sample: cannot measure bytes per token")
+    return n_bytes / n_tokens
