@@ -72,12 +72,33 @@ def sam_phase_arguments() -> dict[str, list[str]]:
     return result
 
 
-def lm_run_arguments() -> dict[str, list[str]]:
-    """Model preset -> arguments of the documented `linmix lm train` runs of docs/lm.md ("Training")."""
+LM_SHAKESPEARE_DATA = "data/shakespeare/train"  # the --data of docs/lm.md's "Training" runs
+LM_RECALL_DATA = "data/recall/train"  # the --data of its "Equal-budget recall comparison" runs
+
+
+def _lm_runs_on(data: str) -> dict[str, list[str]]:
+    """Model preset -> arguments of the documented `linmix lm train` runs of docs/lm.md on ``--data data``;
+    each model is trained once per data set."""
     result = {}
     for arguments in train_arguments(REPO / "docs" / "lm.md", "lm"):
-        if "--model" in arguments and "--data" in arguments:
+        if "--model" in arguments and "--data" in arguments and arguments[arguments.index("--data") + 1] == data:
             model = arguments[arguments.index("--model") + 1]
-            assert model not in result, f"two documented runs train {model}"
+            assert model not in result, f"two documented runs train {model} on {data}"
             result[model] = arguments
     return result
+
+
+def lm_run_arguments() -> dict[str, list[str]]:
+    """Model preset -> arguments of the documented Shakespeare runs of docs/lm.md ("Training")."""
+    return _lm_runs_on(LM_SHAKESPEARE_DATA)
+
+
+def lm_recall_run_arguments() -> dict[str, list[str]]:
+    """Model preset -> arguments of the documented runs of docs/lm.md ("Equal-budget recall comparison")."""
+    return _lm_runs_on(LM_RECALL_DATA)
+
+
+def lm_documented_data() -> set[str]:
+    """Every --data of a documented `linmix lm train` run with a --model (so a new data set is not missed)."""
+    return {arguments[arguments.index("--data") + 1] for arguments in train_arguments(REPO / "docs" / "lm.md", "lm")
+            if "--model" in arguments and "--data" in arguments}

@@ -8,7 +8,8 @@ import sys
 import warnings
 
 import pytest
-from documented_commands import REPO, lm_run_arguments, sam_phase_arguments
+from documented_commands import (LM_RECALL_DATA, LM_SHAKESPEARE_DATA, REPO, lm_documented_data, lm_recall_run_arguments,
+                                 lm_run_arguments, sam_phase_arguments)
 
 from linmix.cli import main
 from linmix.cli.lm import lm_recipe_from_command_line
@@ -24,6 +25,7 @@ else:
 
 SAM_RECIPES = sorted((REPO / "recipes" / "rwkv_sam_tiny").glob("*.toml"))
 LM_RECIPES = sorted((REPO / "recipes" / "lm_shakespeare").glob("*.toml"))
+LM_RECALL_RECIPES = sorted((REPO / "recipes" / "lm_recall").glob("*.toml"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,6 +68,26 @@ def test_lm_recipe_file_equals_its_documented_command(path):
     assert from_file == lm_recipe_from_command_line(documented[path.stem])
     assert lm_recipe_from_command_line(["--config", str(path)]) == from_file
     assert (from_file.lm.model, from_file.train.max_steps, from_file.train.lr, from_file.train.betas) == (path.stem, 64, 1e-3, (0.9, 0.95))
+
+
+def test_every_documented_lm_data_set_has_its_recipes():
+    # a documented run on a data set without a recipe folder would not be checked at all
+    assert lm_documented_data() == {LM_SHAKESPEARE_DATA, LM_RECALL_DATA}
+
+
+@pytest.mark.parametrize("path", LM_RECALL_RECIPES, ids=lambda p: p.stem)
+def test_lm_recall_recipe_file_equals_its_documented_command(path):
+    documented = lm_recall_run_arguments()
+    assert sorted(documented) == sorted(p.stem for p in LM_RECALL_RECIPES) == sorted(
+        ["transformer-pp-small", "based-small", "mamba-small", "sliding-window-small"])
+    from_file = LMRecipe.from_file(path)
+    assert from_file == lm_recipe_from_command_line(documented[path.stem])
+    assert lm_recipe_from_command_line(["--config", str(path)]) == from_file
+    lm, train = from_file.lm, from_file.train
+    assert (lm.model, lm.data, lm.tokenizer, lm.seq_len, lm.batch_size) == (
+        path.stem, LM_RECALL_DATA, "data/recall-bpe/tokenizer.json", 1024, 2)
+    assert (train.max_steps, train.lr, train.warmup_steps, train.seed, train.threads, train.out_dir) == (
+        1000, 1e-3, 50, 0, 1, f"runs/lm-recall/{path.stem}")
 
 
 # ---------------------------------------------------------------------------------------------
