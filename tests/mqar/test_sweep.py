@@ -362,3 +362,23 @@ def test_optimizer_exempts_what_layers_mark_no_weight_decay_such_as_mamba_a_log(
     assert decay_of[id(mamba.in_proj.weight)] == 0.1 and decay_of[id(model.embedding.weight)] == 0.0
     assert len(decay_of) == len(list(model.parameters()))  # every parameter exactly once
     assert optimizer.defaults["betas"] == (0.9, 0.98)
+
+
+def test_long_run_script_trains_longer_and_records_the_curve(tmp_path, monkeypatch, capsys):
+    """benchmarks/mqar_long_run.py: the preset's model and data with only the epochs changed; one JSON
+    line per model with a curve point per epoch; unknown models are refused by name."""
+    from helpers import load_benchmark
+
+    long_run = load_benchmark("mqar_long_run")
+    monkeypatch.setattr(long_run, "get_preset", lambda name: tiny_preset(fresh_train_data=True))
+    out = tmp_path / "long.jsonl"
+    long_run.main(["--preset", "tiny", "--models", "based_d8_f2", "--lr", "3e-3", "--epochs", "3", "--out", str(out)])
+    record = json.loads(out.read_text())
+    assert (record["model"], record["lr"], record["epochs_planned"], record["epochs"]) == ("based_d8_f2", 3e-3, 3, 3)
+    assert [point["epoch"] for point in record["curve"]] == [1, 2, 3]
+    # the same run through the sweep's own function (3 epochs) gives the same numbers: only epochs differ
+    expected = train_and_evaluate(tiny_preset(fresh_train_data=True, epochs=3).models[0], tiny_preset(fresh_train_data=True, epochs=3), 3e-3)
+    assert record["accuracy"] == expected["accuracy"] and record["final_train_loss"] == expected["final_train_loss"]
+    assert "based_d8_f2 lr 0.003, 3 epochs" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        long_run.main(["--preset", "tiny", "--models", "mamba_d64_n16", "--lr", "3e-3", "--epochs", "3", "--out", str(out)])
