@@ -47,7 +47,7 @@ from linmix.lm.recall_corpus import load_recall_eval, recall_breakdown
 from linmix.training.metrics import read_metrics
 
 STATE_TOKENS = 2048  # sequence length at which the recurrent state is counted (attention grows with it)
-BREAKDOWNS = {"length_bucket": "context length (tokens)", "num_records": "records in the document", "layout": "layout"}
+BREAKDOWNS = {"length_bucket": "context length (bytes: the corpus counts byte tokens)", "num_records": "records in the document", "layout": "layout"}
 
 
 def parse_named(values: list[str], option: str) -> dict[str, Path]:
@@ -299,7 +299,7 @@ def write_figures(results: dict, out: Path) -> list[Path]:
         points = [(i, 100 * run["by_length_bucket"][g]["contains"]) for i, g in enumerate(groups) if g in run["by_length_bucket"]]
         axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
     axes.set_xticks(range(len(groups)), groups)
-    axes.set_xlabel("context length (tokens)")
+    axes.set_xlabel("context length (bytes)")
     axes.set_ylabel("recall contains (%)")
     axes.set_ylim(0, 100)
     axes.set_title("Recall by context length")
