@@ -270,6 +270,19 @@ def write_markdown(results: dict, records_path: Path, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------- figures
+
+def _save_figure(figure, axes, path: Path, *, legend: bool) -> Path:
+    """Grid (and legend), tight layout, write the PNG, close the figure; returns ``path``."""
+    import matplotlib.pyplot as plt
+
+    axes.grid(alpha=0.3)
+    if legend:
+        axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
 def write_figures(results: dict, out: Path) -> list[Path]:
     import matplotlib
 
@@ -287,11 +300,7 @@ def write_figures(results: dict, out: Path) -> list[Path]:
     axes.set_xlabel(f"recurrent state bytes at {STATE_TOKENS} tokens (fp32, log scale)")
     axes.set_ylabel("recall contains (%)")
     axes.set_title("Recall vs state size")
-    axes.grid(alpha=0.3)
-    figure.tight_layout()
-    paths.append(out / "recall_vs_state.png")
-    figure.savefig(paths[-1], dpi=120)
-    plt.close(figure)
+    paths.append(_save_figure(figure, axes, out / "recall_vs_state.png", legend=False))
 
     groups = _group_order("length_bucket", {g for run in results.values() for g in run["by_length_bucket"]})
     figure, axes = plt.subplots(figsize=(6, 4.5))
@@ -303,12 +312,7 @@ def write_figures(results: dict, out: Path) -> list[Path]:
     axes.set_ylabel("recall contains (%)")
     axes.set_ylim(0, 100)
     axes.set_title("Recall by context length")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    paths.append(out / "recall_vs_length.png")
-    figure.savefig(paths[-1], dpi=120)
-    plt.close(figure)
+    paths.append(_save_figure(figure, axes, out / "recall_vs_length.png", legend=True))
 
     figure, axes = plt.subplots(figsize=(6, 4.5))
     by_tokens = all(run["train"]["tokens_per_step"] for run in results.values())
@@ -324,12 +328,7 @@ def write_figures(results: dict, out: Path) -> list[Path]:
     axes.set_xlabel("tokens trained" if by_tokens else "optimizer steps (no lm_train_config.json for tokens)")
     axes.set_ylabel("loss (nats / token)")
     axes.set_title("Learning curves")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    paths.append(out / "learning_curves.png")
-    figure.savefig(paths[-1], dpi=120)
-    plt.close(figure)
+    paths.append(_save_figure(figure, axes, out / "learning_curves.png", legend=True))
     return paths
 
 
