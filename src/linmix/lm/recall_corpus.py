@@ -619,3 +619,63 @@ def recall_breakdown(records: list[dict], generations: list[str], by: str = "len
             raise ValueError(f"record has no field {by!r} (fields: {sorted(record)})")
         groups.setdefault(str(record[by]), []).append(contains_score(generation, record["value"]))
     return {group: {"contains": sum(s) / len(s), "correct": int(sum(s)), "n": len(s)} for group, s in sorted(groups.items())}
+
+
+def answer_token_positions(tokenizer, text: str, value: str) -> dict:
+    """Where ``value`` is stated in a recall document and where it is answered, in tokens of ``text``.
+
+    ``value`` must occur at least twice: first in the records (the first occurrence) and last as the
+    final answer. Returns the token ids and, for both occurrences, the positions of the tokens lying
+    wholly inside the value after the one that starts it (``record_continuation`` /
+    ``answer_continuation``), plus ``answer_first``, the token where the answer starts. The first
+    token of an answer needs the model to find the record; the continuation tokens only need it to
+    copy what it has already started, so their loss at the answer against their loss at the record,
+    where nothing earlier tells it the value, measures in-context copying.
+    """
+    first, last = text.find(value), text.rfind(value)
+    if not value or first < 0 or first == last:
+        raise ValueError(f"the value {value!r} must occur at least twice in the document (in a record and as its answer)")
+    ids, offsets = tokenizer.encode_with_offsets(text)
+
+    def inside(start: int) -> list[int]:
+        end = start + len(value)
+        return [i for i, (a, b) in enumerate(offsets) if start < a and b <= end]
+
+    answer_first = next(i for i, (a, b) in enumerate(offsets) if a <= last < b)
+    return {"ids": ids, "record_continuation": inside(first), "answer_continuation": inside(last),
+            "answer_first": answer_first}
+
+
+def answer_copy_probe(model, tokenizer, documents: list[str], values: list[str]) -> dict:
+    """Mean next-token loss (nats) of each document's answer ``value`` where it is stated in a record and
+    where it is answered (see :func:`answer_token_positions`), over ``documents`` (whole held-out
+    documents, answers inline: ``eval/heldout_docs.jsonl``; ``values``: their final answers).
+
+    ``copy_gain`` = record continuation loss - answer continuation loss: about 0 for a model that does
+    not copy from its context, and as large as the record loss for one that copies perfectly.
+    ``answer_first`` is the loss of the answer's first token (finding the right record and attribute).
+    """
+    import torch
+
+    if len(documents) != len(values) or not documents:
+        raise ValueError(f"need one value per document and at least one document, got {len(documents)} and {len(values)}")
+    sums = {"record_continuation": [0.0, 0], "answer_continuation": [0.0, 0], "answer_first": [0.0, 0]}
+    parameter = next(model.parameters())
+    with torch.no_grad():
+        for text, value in zip(documents, values):
+            found = answer_token_positions(tokenizer, text, value)
+            ids = torch.tensor([found["ids"]], dtype=torch.long, device=parameter.device)
+            logits = model(ids).logits[0, :-1].float()
+            # nll[i] is the loss of token i + 1 given tokens 0..i
+            nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
+            for key in ("record_continuation", "answer_continuation"):
+                positions = [i - 1 for i in found[key] if i > 0]
+                sums[key][0] += float(nll[positions].sum()) if positions else 0.0
+                sums[key][1] += len(positions)
+            if found["answer_first"] > 0:
+                sums["answer_first"][0] += float(nll[found["answer_first"] - 1])
+                sums["answer_first"][1] += 1
+    result = {key: total / max(1, count) for key, (total, count) in sums.items()}
+    result["copy_gain"] = result["record_continuation"] - result["answer_continuation"]
+    result.update(documents=len(documents), continuation_tokens=sums["answer_continuation"][1])
+    return result
