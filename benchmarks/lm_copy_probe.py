@@ -29,9 +29,11 @@ from linmix.lm.tokenizers import load_tokenizer
 
 def checkpoints_of(run: Path) -> list[tuple[int, Path]]:
     """``(step, folder)`` of every checkpoint under ``run/checkpoints`` (``step-00001000`` folders with
-    model weights), in step order."""
+    model weights), in step order; a folder holding such ``step-*`` folders itself (checkpoints copied
+    aside) works too."""
     found = []
-    for folder in sorted((run / "checkpoints").glob("step-*")):
+    parent = run / "checkpoints" if (run / "checkpoints").is_dir() else run
+    for folder in sorted(parent.glob("step-*")):
         match = re.fullmatch(r"step-(\d+)", folder.name)
         if match and (folder / "model.safetensors").is_file():
             found.append((int(match.group(1)), folder))
@@ -53,7 +55,7 @@ def load_documents(docs: Path, records: Path, limit: int | None) -> tuple[list[s
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", type=Path, required=True, help="a `linmix lm train` run folder (its checkpoints/ are probed)")
+    parser.add_argument("--run", type=Path, required=True, help="a `linmix lm train` run folder (its checkpoints/ are probed), or a folder of step-* checkpoints")
     parser.add_argument("--docs", type=Path, required=True, help="eval/heldout_docs.jsonl of `linmix lm recall-corpus`")
     parser.add_argument("--records", type=Path, required=True, help="eval/recall_heldout.jsonl of the same corpus")
     parser.add_argument("--limit", type=int, default=100, help="documents probed (0 = all)")

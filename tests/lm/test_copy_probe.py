@@ -118,6 +118,8 @@ def test_script_probes_every_checkpoint_of_a_run_in_step_order(tmp_path, capsys)
     assert all(row["documents"] == 2 and row["continuation_tokens"] == 2 * (len(VALUE) - 1) for row in rows)
     assert rows[0]["record_continuation"] != rows[1]["record_continuation"]  # two different models
     assert "step" in capsys.readouterr().out
+    # checkpoints copied aside (a folder of step-* folders) are found the same way
+    assert probe.checkpoints_of(run / "checkpoints") == probe.checkpoints_of(run)
 
 
 def test_script_refuses_a_folder_without_checkpoints(tmp_path):
