@@ -25,6 +25,7 @@ import torch
 from linmix.lm.evaluate import load_model
 from linmix.lm.recall_corpus import answer_copy_probe, load_recall_eval
 from linmix.lm.tokenizers import load_tokenizer
+from linmix.training.checkpoint import MODEL_FILE, checkpoint_root
 
 
 def checkpoints_of(run: Path) -> list[tuple[int, Path]]:
@@ -32,10 +33,10 @@ def checkpoints_of(run: Path) -> list[tuple[int, Path]]:
     model weights), in step order; a folder holding such ``step-*`` folders itself (checkpoints copied
     aside) works too."""
     found = []
-    parent = run / "checkpoints" if (run / "checkpoints").is_dir() else run
+    parent = checkpoint_root(run) if checkpoint_root(run).is_dir() else run
     for folder in sorted(parent.glob("step-*")):
         match = re.fullmatch(r"step-(\d+)", folder.name)
-        if match and (folder / "model.safetensors").is_file():
+        if match and (folder / MODEL_FILE).is_file():
             found.append((int(match.group(1)), folder))
     if not found:
         raise FileNotFoundError(f"no checkpoints (checkpoints/step-NNNNNNNN/model.safetensors) under {run}")

@@ -668,13 +668,13 @@ def answer_copy_probe(model, tokenizer, documents: list[str], values: list[str])
             logits = model(ids).logits[0, :-1].float()
             # nll[i] is the loss of token i + 1 given tokens 0..i
             nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
+            # every scored token follows the value's first occurrence, so none is token 0
             for key in ("record_continuation", "answer_continuation"):
-                positions = [i - 1 for i in found[key] if i > 0]
+                positions = [i - 1 for i in found[key]]
                 sums[key][0] += float(nll[positions].sum()) if positions else 0.0
                 sums[key][1] += len(positions)
-            if found["answer_first"] > 0:
-                sums["answer_first"][0] += float(nll[found["answer_first"] - 1])
-                sums["answer_first"][1] += 1
+            sums["answer_first"][0] += float(nll[found["answer_first"] - 1])
+            sums["answer_first"][1] += 1
     result = {key: total / max(1, count) for key, (total, count) in sums.items()}
     result["copy_gain"] = result["record_continuation"] - result["answer_continuation"]
     result.update(documents=len(documents), continuation_tokens=sums["answer_continuation"][1])
