@@ -25,6 +25,11 @@ Written to ``--out``:
     recall_vs_state.png     overall recall against recurrent state bytes at 2048 tokens (log x)
     recall_vs_length.png    recall by context-length bucket, one line per model
     learning_curves.png     training loss against tokens trained, one line per model
+    copy_gain.png           the answer-copy probe's copy gain against tokens trained (when a run has a probe)
+
+The copy probe (benchmarks/lm_copy_probe.py) is read from RUN_DIR/copy_probe.jsonl, or from the files
+given with ``--probe NAME=FILE`` (repeatable: a run continued in a second folder has its probe in two
+files; rows are merged by step, the later file winning).
 
 Training wall time is the sum of the log windows (tokens in the window / tokens_per_s): the time
 between log records, so it includes periodic evaluation and checkpointing.
@@ -61,6 +66,38 @@ def parse_named(values: list[str], option: str) -> dict[str, Path]:
             raise ValueError(f"{option} names {name!r} twice")
         named[name] = Path(path)
     return named
+
+
+def parse_probe_files(values: list[str], runs: dict[str, Path]) -> dict[str, list[Path]]:
+    """``--probe NAME=FILE`` (repeatable, also per name) -> files per run; a run without one uses
+    RUN_DIR/copy_probe.jsonl when it exists."""
+    files: dict[str, list[Path]] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--probe expects NAME=FILE, got {value!r}")
+        if name not in runs:
+            raise ValueError(f"--probe names {name!r}, which no --run names (runs: {list(runs)})")
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--probe {name}: no file {path} (benchmarks/lm_copy_probe.py --out writes it)")
+        files.setdefault(name, []).append(Path(path))
+    for name, run_dir in runs.items():
+        if name not in files and (run_dir / "copy_probe.jsonl").is_file():
+            files[name] = [run_dir / "copy_probe.jsonl"]
+    return files
+
+
+def copy_probe_curve(paths: list[Path], tokens_per_step: int | None) -> list[dict]:
+    """The probe's rows of one run ordered by step (a step probed twice: the later file's row)."""
+    by_step: dict[int, dict] = {}
+    for path in paths:
+        for row in read_metrics(path):
+            if "copy_gain" not in row or "step" not in row:
+                raise ValueError(f"{path} is not a copy-probe file (rows need step and copy_gain)")
+            by_step[row["step"]] = row
+    keys = ("record_continuation", "answer_continuation", "copy_gain", "documents")
+    return [{"step": step, "tokens": step * tokens_per_step if tokens_per_step else None,
+             **{key: by_step[step][key] for key in keys if key in by_step[step]}} for step in sorted(by_step)]
 
 
 def _read_json(path: Path) -> dict | None:
@@ -168,7 +205,8 @@ def compare_lm_eval(samples: list[dict], records: list[dict], generations: list[
             "generations_equal": equal}
 
 
-def summarize_run(name: str, run_dir: Path, records: list[dict], records_path: Path, lm_eval_path: Path | None) -> dict:
+def summarize_run(name: str, run_dir: Path, records: list[dict], records_path: Path, lm_eval_path: Path | None,
+                  probe_files: list[Path] | None = None) -> dict:
     if not (run_dir / "model").is_dir():
         raise FileNotFoundError(f"run {name}: no model/ folder in {run_dir}")
     eval_result = _read_json(run_dir / "eval.json")
@@ -188,6 +226,8 @@ def summarize_run(name: str, run_dir: Path, records: list[dict], records_path: P
     }
     if lm_eval_path is not None:
         summary["lm_eval"] = compare_lm_eval(lm_eval_samples(lm_eval_path), scored, generations)
+    if probe_files:
+        summary["copy_probe"] = copy_probe_curve(probe_files, summary["train"]["tokens_per_step"])
     return summary
 
 
@@ -254,6 +294,17 @@ def breakdown_table(results: dict, field: str) -> str:
     return "\n".join(lines)
 
 
+def copy_probe_table(results: dict) -> str:
+    """Copy gain (nats per token) by step, one column per run that has a probe."""
+    names = [name for name, run in results.items() if run.get("copy_probe")]
+    gains = {name: {row["step"]: row["copy_gain"] for row in results[name]["copy_probe"]} for name in names}
+    steps = sorted({step for by_step in gains.values() for step in by_step})
+    lines = ["| step | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+    for step in steps:
+        lines.append(f"| {step:,} | " + " | ".join(_fmt(gains[n].get(step), ".3f", "-") for n in names) + " |")
+    return "\n".join(lines)
+
+
 def write_markdown(results: dict, records_path: Path, path: Path) -> None:
     parts = [
         "# Recall-intensive corpus: model comparison\n",
@@ -266,6 +317,12 @@ def write_markdown(results: dict, records_path: Path, path: Path) -> None:
     ]
     for field, title in BREAKDOWNS.items():
         parts += [f"## Recall by {title}\n", breakdown_table(results, field) + "\n"]
+    if any(run.get("copy_probe") for run in results.values()):
+        parts += ["## Answer-copy probe\n",
+                  "Copy gain in nats per token (benchmarks/lm_copy_probe.py): the loss of an answer value's tokens after its "
+                  "first where the record states it minus where the answer repeats it; about 0 for a model that does "
+                  "not copy from its context.\n",
+                  copy_probe_table(results) + "\n"]
     path.write_text("\n".join(parts))
 
 
@@ -329,20 +386,34 @@ def write_figures(results: dict, out: Path) -> list[Path]:
     axes.set_ylabel("loss (nats / token)")
     axes.set_title("Learning curves")
     paths.append(_save_figure(figure, axes, out / "learning_curves.png", legend=True))
+
+    probed = {name: run["copy_probe"] for name, run in results.items() if run.get("copy_probe")}
+    if probed:
+        figure, axes = plt.subplots(figsize=(6, 4.5))
+        x_key = "tokens" if all(row["tokens"] is not None for rows in probed.values() for row in rows) else "step"
+        for name, rows in probed.items():
+            axes.plot([row[x_key] for row in rows], [row["copy_gain"] for row in rows], marker="o", label=name)
+        axes.axhline(0.0, color="gray", linewidth=0.8)
+        axes.set_xlabel("tokens trained" if x_key == "tokens" else "optimizer steps")
+        axes.set_ylabel("copy gain (nats / token)")
+        axes.set_title("Answer-copy probe")
+        paths.append(_save_figure(figure, axes, out / "copy_gain.png", legend=True))
     return paths
 
 
 # ---------------------------------------------------------------------------------- main
-def build_report(runs: dict[str, Path], records_path: Path, out: Path, lm_eval: dict[str, Path] | None = None) -> dict:
+def build_report(runs: dict[str, Path], records_path: Path, out: Path, lm_eval: dict[str, Path] | None = None,
+                 probes: dict[str, list[Path]] | None = None) -> dict:
     """Summarize every run, write results.md / results.json / the figures under ``out``; returns the results."""
-    lm_eval = lm_eval or {}
+    lm_eval, probes = lm_eval or {}, probes or {}
     unknown = sorted(set(lm_eval) - set(runs))
     if unknown:
         raise ValueError(f"--lm-eval names {unknown} that no --run names (runs: {list(runs)})")
     if not runs:
         raise ValueError("give at least one --run NAME=RUN_DIR")
     records = load_recall_eval(records_path)
-    results = {name: summarize_run(name, run_dir, records, records_path, lm_eval.get(name)) for name, run_dir in runs.items()}
+    results = {name: summarize_run(name, run_dir, records, records_path, lm_eval.get(name), probes.get(name))
+               for name, run_dir in runs.items()}
     out.mkdir(parents=True, exist_ok=True)
     write_markdown(results, records_path, out / "results.md")
     write_figures(results, out)
@@ -361,16 +432,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder for results.md, results.json and the figures")
     parser.add_argument("--lm-eval", action="append", default=[], metavar="NAME=PATH",
                         help="an lm_eval --output_path folder (with --log_samples) for run NAME (repeatable)")
+    parser.add_argument("--probe", action="append", default=[], metavar="NAME=FILE",
+                        help="a copy-probe file of run NAME (repeatable, also for one run; default RUN_DIR/copy_probe.jsonl)")
     args = parser.parse_args(argv)
     try:
         runs = parse_named(args.run, "--run")
-        results = build_report(runs, args.records, args.out, parse_named(args.lm_eval, "--lm-eval"))
+        results = build_report(runs, args.records, args.out, parse_named(args.lm_eval, "--lm-eval"),
+                               parse_probe_files(args.probe, runs))
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print((args.out / "results.md").read_text())
-    print(f"wrote {args.out / 'results.md'}, results.json, recall_vs_state.png, recall_vs_length.png, learning_curves.png "
-          f"({len(results)} runs)")
+    probe_figure = ", copy_gain.png" if any(run.get("copy_probe") for run in results.values()) else ""
+    print(f"wrote {args.out / 'results.md'}, results.json, recall_vs_state.png, recall_vs_length.png, learning_curves.png"
+          f"{probe_figure} ({len(results)} runs)")
     return 0
 
 

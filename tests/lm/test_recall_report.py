@@ -45,6 +45,12 @@ def _run(root, name, config, generations, *, tokens_per_step=None, metrics=(), s
     return run
 
 
+def _probe_row(step, gain, record_loss=3.0):
+    return {"step": step, "checkpoint": f"ckpt/step-{step:08d}", "record_continuation": record_loss,
+            "answer_continuation": record_loss - gain, "answer_first": 2.5, "copy_gain": gain, "documents": 4,
+            "continuation_tokens": 9}
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     module = load_benchmark("lm_recall_report")
@@ -60,6 +66,7 @@ def report(tmp_path_factory):
     ]
     based = _run(root, "based", based_config, BASED_GENERATIONS, tokens_per_step=16, metrics=metrics,
                  shakespeare_ppl=12.5, corpus_ppl=4.25)
+    _write_jsonl(based / "copy_probe.jsonl", [_probe_row(20, 0.5), _probe_row(10, 0.0)])  # read by default, sorted by step
     attention = _run(root, "attention", attention_config, ATTENTION_GENERATIONS,
                      metrics=[{"step": 5, "loss": 4.0, "lr": 1e-3, "tokens_per_s": 100.0}], shakespeare_ppl=20.0)
     # lm_eval --limit 3 --log_samples on the based run: its third generation differs from linmix's (and is right)
@@ -118,7 +125,12 @@ def test_results_json_and_figures(report):
     assert based["shakespeare"]["perplexity"] == 12.5 and based["recall_corpus"]["perplexity"] == 4.25
     assert results["attention"]["recall"]["n"] == 4 and results["attention"]["recall_corpus"] is None
     assert results["attention"]["state_bytes"] == 4 * 2 * 64 * 2048 * 4
-    for name in ("recall_vs_state.png", "recall_vs_length.png", "learning_curves.png"):
+    assert based["copy_probe"] == [
+        {"step": 10, "tokens": 160, "record_continuation": 3.0, "answer_continuation": 3.0, "copy_gain": 0.0, "documents": 4},
+        {"step": 20, "tokens": 320, "record_continuation": 3.0, "answer_continuation": 2.5, "copy_gain": 0.5, "documents": 4}]
+    assert "copy_probe" not in results["attention"]
+    assert _table((out / "results.md").read_text(), "step") == {"10": ["0.000"], "20": ["0.500"]}
+    for name in ("recall_vs_state.png", "recall_vs_length.png", "learning_curves.png", "copy_gain.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -134,3 +146,35 @@ def test_bad_arguments_are_clear_errors(report, capsys):
     assert "no model/ folder" in capsys.readouterr().err
     with pytest.raises(ValueError, match="another prompt"):
         module.compare_lm_eval([{"doc_id": 0, "doc": {"text": "other"}, "filtered_resps": ["x"]}], RECORDS, BASED_GENERATIONS)
+
+
+def test_probe_files_of_a_continued_run_are_merged(report, tmp_path):
+    """A run continued in a second folder: --probe twice for one name, the later file wins a shared step."""
+    module, root, _, _, _ = report
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    _write_jsonl(first, [_probe_row(10, 0.0), _probe_row(20, 0.25)])
+    _write_jsonl(second, [_probe_row(20, 0.5), _probe_row(40, 1.5)])
+    out = tmp_path / "out"
+    assert module.main(["--records", str(root / "recall_heldout.jsonl"), "--run", f"based={root / 'based'}",
+                        "--run", f"attention={root / 'attention'}", "--probe", f"based={first}", "--probe", f"based={second}",
+                        "--probe", f"attention={first}", "--out", str(out)]) == 0
+    table = _table((out / "results.md").read_text(), "step")
+    assert table == {"10": ["0.000", "0.000"], "20": ["0.500", "0.250"], "40": ["1.500", "-"]}
+    results = json.loads((out / "results.json").read_text())["runs"]
+    assert [row["tokens"] for row in results["based"]["copy_probe"]] == [160, 320, 640]
+    assert [row["tokens"] for row in results["attention"]["copy_probe"]] == [None, None]  # no lm_train_config.json
+
+
+def test_bad_probe_arguments_are_clear_errors(report, capsys, tmp_path):
+    module, root, _, _, _ = report
+    base = ["--records", str(root / "recall_heldout.jsonl"), "--run", f"based={root / 'based'}", "--out", str(tmp_path / "o")]
+    assert module.main(base + ["--probe", "based"]) == 1
+    assert "NAME=FILE" in capsys.readouterr().err
+    assert module.main(base + ["--probe", f"other={root / 'based' / 'copy_probe.jsonl'}"]) == 1
+    assert "which no --run names" in capsys.readouterr().err
+    assert module.main(base + ["--probe", f"based={tmp_path / 'missing.jsonl'}"]) == 1
+    assert "lm_copy_probe.py --out" in capsys.readouterr().err
+    not_a_probe = tmp_path / "metrics.jsonl"
+    _write_jsonl(not_a_probe, [{"step": 10, "loss": 3.0}])
+    assert module.main(base + ["--probe", f"based={not_a_probe}"]) == 1
+    assert "not a copy-probe file" in capsys.readouterr().err
