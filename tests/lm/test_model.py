@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -221,3 +222,23 @@ def test_logits_to_keep_returns_the_last_positions_only():
     torch.testing.assert_close(last, full[:, -1:])
     with pytest.raises(ValueError, match="logits_to_keep"):
         model(ids, labels=ids, logits_to_keep=1)
+
+
+def test_model_init_keeps_mambas_timescale_init():
+    # The model-wide GPT-2 init must not zero dt_proj.bias (softplus(0) = 0.69 for every channel: one fast
+    # timescale, no long memory) nor replace dt_proj.weight's uniform(+-dt_rank^-0.5) with normal(0.02).
+    torch.manual_seed(0)
+    model = BasedForCausalLM.from_preset("mamba-small", vocab_size=257)
+    layers = [m for m in model.modules() if type(m).__name__ == "Mamba"]
+    assert len(layers) == model.config.n_layer
+    for layer in layers:
+        delta = torch.nn.functional.softplus(layer.dt_proj.bias.detach())
+        assert float(delta.min()) >= 1e-4 - 1e-9 and float(delta.max()) <= 0.1 + 1e-6
+        # log-uniform in [0.001, 0.1]: the median timescale is near 0.01, far from softplus(0)
+        assert 0.005 < float(delta.median()) < 0.02
+        bound = layer.dt_rank ** -0.5
+        weight = layer.dt_proj.weight.detach()
+        assert float(weight.abs().max()) <= bound and float(weight.std()) > 0.5 * bound / math.sqrt(3)
+    # every other linear still gets the GPT-2 init (std 0.02; out_proj scaled by 1/sqrt(2 n_layer))
+    assert float(layers[0].in_proj.weight.std()) == pytest.approx(0.02, rel=0.05)
+    assert float(layers[0].out_proj.weight.std()) == pytest.approx(0.02 / math.sqrt(2 * model.config.n_layer), rel=0.05)

@@ -109,6 +109,9 @@ class Mamba(CausalMixer):
             dt = torch.exp(torch.rand(self.d_inner, device=device) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
             dt = dt.clamp(min=_DT_INIT_FLOOR)
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        # A model-wide init (GPT-2 style normal(0.02), zero biases) must leave both alone: a zeroed bias
+        # makes every channel's delta softplus(0) = 0.69, i.e. one fast timescale and no long memory.
+        self.dt_proj.weight._no_reinit = True
         self.dt_proj.bias._no_reinit = True
 
         # S4D-real initialisation: A[d, n] = -(n + 1).

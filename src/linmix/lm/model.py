@@ -137,13 +137,16 @@ class BasedForCausalLM(nn.Module):
 
     def reset_parameters(self) -> None:
         """GPT-2 style init: normal(0.02) for linears and embeddings, output projections scaled by
-        1/sqrt(2 * n_layer); biases zero. Mixer-specific parameters (conv, decays) keep their own init."""
+        1/sqrt(2 * n_layer); biases zero. Mixer-specific parameters (conv, decays) keep their own init,
+        as do linear weights and biases a mixer marks ``_no_reinit`` (Mamba's ``dt_proj``, whose bias
+        sets the log-uniform range of timescales; the Mamba reference's init skips it the same way)."""
         std = self.config.initializer_range
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
                 scale = 1 / math.sqrt(2 * self.config.n_layer) if name.endswith(("out_proj", "fc2")) else 1.0
-                nn.init.normal_(module.weight, std=std * scale)
-                if module.bias is not None:
+                if not getattr(module.weight, "_no_reinit", False):
+                    nn.init.normal_(module.weight, std=std * scale)
+                if module.bias is not None and not getattr(module.bias, "_no_reinit", False):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=std)
