@@ -55,16 +55,21 @@ STATE_TOKENS = 2048  # sequence length at which the recurrent state is counted (
 BREAKDOWNS = {"length_bucket": "context length (bytes: the corpus counts byte tokens)", "num_records": "records in the document", "layout": "layout"}
 
 
+def _split_named(value: str, option: str, placeholder: str = "PATH") -> tuple[str, Path]:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise ValueError(f"{option} expects NAME={placeholder}, got {value!r}")
+    return name, Path(path)
+
+
 def parse_named(values: list[str], option: str) -> dict[str, Path]:
     """``["NAME=PATH", ...]`` -> ``{NAME: Path}`` in order; names must be unique."""
     named: dict[str, Path] = {}
     for value in values:
-        name, sep, path = value.partition("=")
-        if not sep or not name or not path:
-            raise ValueError(f"{option} expects NAME=PATH, got {value!r}")
+        name, path = _split_named(value, option)
         if name in named:
             raise ValueError(f"{option} names {name!r} twice")
-        named[name] = Path(path)
+        named[name] = path
     return named
 
 
@@ -73,14 +78,12 @@ def parse_probe_files(values: list[str], runs: dict[str, Path]) -> dict[str, lis
     RUN_DIR/copy_probe.jsonl when it exists."""
     files: dict[str, list[Path]] = {}
     for value in values:
-        name, sep, path = value.partition("=")
-        if not sep or not name or not path:
-            raise ValueError(f"--probe expects NAME=FILE, got {value!r}")
+        name, path = _split_named(value, "--probe", "FILE")
         if name not in runs:
             raise ValueError(f"--probe names {name!r}, which no --run names (runs: {list(runs)})")
-        if not Path(path).is_file():
+        if not path.is_file():
             raise FileNotFoundError(f"--probe {name}: no file {path} (benchmarks/lm_copy_probe.py --out writes it)")
-        files.setdefault(name, []).append(Path(path))
+        files.setdefault(name, []).append(path)
     for name, run_dir in runs.items():
         if name not in files and (run_dir / "copy_probe.jsonl").is_file():
             files[name] = [run_dir / "copy_probe.jsonl"]
