@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from helpers import assert_close_rms
@@ -66,3 +67,29 @@ def check_state_size_constant(layer, steps: int = 40) -> None:
         for _ in range(steps):
             y, state = layer.step(torch.randn(2, layer.d_model), state)
     assert state.nbytes() == first
+
+
+def contract_tests(layers: dict, lengths=(1, 15, 37)) -> type:
+    """A test class running the four checks above on every factory in `layers` (name -> callable
+    returning a fresh layer). A test module binds it to a name starting with `Test`."""
+    names = sorted(layers)
+
+    class MixerContract:
+        @pytest.mark.parametrize("name", names)
+        @pytest.mark.parametrize("length", lengths)
+        def test_steps_equal_forward(self, name, length):
+            check_steps_equal_forward(layers[name](), batch=2, length=length)
+
+        @pytest.mark.parametrize("name", names)
+        def test_prefix_then_steps(self, name):
+            check_prefix_then_steps(layers[name](), batch=2, length=30, prefix=17)
+
+        @pytest.mark.parametrize("name", names)
+        def test_left_padding(self, name):
+            check_left_padding(layers[name]())
+
+        @pytest.mark.parametrize("name", names)
+        def test_state_size_constant(self, name):
+            check_state_size_constant(layers[name]())
+
+    return MixerContract

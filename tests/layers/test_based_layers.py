@@ -5,7 +5,7 @@ import torch
 
 from gradient_checks import assert_gradients_match_finite_differences
 from helpers import TOLERANCE, assert_close_rms
-from mixer_contract import check_left_padding, check_prefix_then_steps, check_state_size_constant, check_steps_equal_forward
+from mixer_contract import contract_tests
 from linmix.layers.base_conv import BaseConv
 from linmix.layers.linear_attention import BasedLinearAttention
 from linmix.layers.mlp import GatedMLP
@@ -26,25 +26,7 @@ LAYERS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(LAYERS))
-@pytest.mark.parametrize("length", [1, 15, 37])
-def test_steps_equal_forward(name, length):
-    check_steps_equal_forward(LAYERS[name](), batch=2, length=length)
-
-
-@pytest.mark.parametrize("name", sorted(LAYERS))
-def test_prefix_then_steps(name):
-    check_prefix_then_steps(LAYERS[name](), batch=2, length=30, prefix=17)
-
-
-@pytest.mark.parametrize("name", sorted(LAYERS))
-def test_left_padding(name):
-    check_left_padding(LAYERS[name]())
-
-
-@pytest.mark.parametrize("name", sorted(LAYERS))
-def test_state_size_constant(name):
-    check_state_size_constant(LAYERS[name]())
+TestMixerContract = contract_tests(LAYERS)
 
 
 def test_linear_attention_layer_matches_explicit_formula():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gradient_checks import assert_gradients_match_finite_differences
-from mixer_contract import check_left_padding, check_prefix_then_steps, check_state_size_constant, check_steps_equal_forward
+from mixer_contract import contract_tests
 import linmix.layers.rwkv5 as rwkv5_layer_module
 from linmix.layers.rwkv5 import RWKV5TimeMix
 from linmix.ops.rwkv5 import rwkv5_recurrence, rwkv5_recurrence_reference
@@ -22,25 +22,7 @@ def test_the_recurrence_ops_are_re_exported_from_the_layer_module():
     assert rwkv5_layer_module.rwkv5_recurrence_reference is rwkv5_recurrence_reference
 
 
-@pytest.mark.parametrize("name", sorted(LAYERS))
-@pytest.mark.parametrize("length", [1, 15, 37])
-def test_steps_equal_forward(name, length):
-    check_steps_equal_forward(LAYERS[name](), batch=2, length=length)
-
-
-@pytest.mark.parametrize("name", sorted(LAYERS))
-def test_prefix_then_steps(name):
-    check_prefix_then_steps(LAYERS[name](), batch=2, length=30, prefix=17)
-
-
-@pytest.mark.parametrize("name", sorted(LAYERS))
-def test_left_padding(name):
-    check_left_padding(LAYERS[name]())
-
-
-@pytest.mark.parametrize("name", sorted(LAYERS))
-def test_state_size_constant(name):
-    check_state_size_constant(LAYERS[name]())
+TestMixerContract = contract_tests(LAYERS)
 
 
 def test_state_size_is_the_matrix_valued_accounting():
