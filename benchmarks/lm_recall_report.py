@@ -20,7 +20,8 @@ is an `lm_eval --output_path` folder written with `--log_samples` (or a samples_
 Written to ``--out``:
 
     results.md              the comparison table, then recall by context length, by number of
-                            records in the document and by layout
+                            records in the document, by layout and by the answer's distance from
+                            where its record states it (when the records carry answer_distance_tokens)
     results.json            every number of the tables, per run
     recall_vs_state.png     overall recall against recurrent state bytes at 2048 tokens (log x)
     recall_vs_length.png    recall by context-length bucket, one line per model
@@ -48,11 +49,15 @@ import sys
 from pathlib import Path
 
 from linmix.lm.evaluate import contains_score
-from linmix.lm.recall_corpus import load_recall_eval, recall_breakdown
+from linmix.lm.recall_corpus import bucket_name, load_recall_eval, recall_breakdown
 from linmix.training.metrics import read_metrics
 
 STATE_TOKENS = 2048  # sequence length at which the recurrent state is counted (attention grows with it)
-BREAKDOWNS = {"length_bucket": "context length (bytes: the corpus counts byte tokens)", "num_records": "records in the document", "layout": "layout"}
+BREAKDOWNS = {"length_bucket": "context length (bytes: the corpus counts byte tokens)", "num_records": "records in the document",
+              "layout": "layout", "answer_distance": "distance from where the record states the value to the question (bytes)"}
+# Buckets of a record's answer_distance_tokens (bytes from the value's first occurrence to the end of the prompt):
+# a model that recalls only what a short window or its local state reaches scores only in the first ones.
+DISTANCE_EDGES = (128, 256, 512, 1024, 2048)
 
 
 def _split_named(value: str, option: str, placeholder: str = "PATH") -> tuple[str, Path]:
@@ -224,7 +229,8 @@ def summarize_run(name: str, run_dir: Path, records: list[dict], records_path: P
         "run_dir": str(run_dir), **model_size(run_dir / "model"), "train": training_summary(run_dir),
         "shakespeare": _perplexity(eval_result), "recall_corpus": _perplexity(_read_json(run_dir / "eval_recall_ppl.json")),
         "recall": {"contains": correct / n if n else float("nan"), "correct": correct, "n": n},
-        **{f"by_{field}": recall_breakdown(scored, generations, by=field) for field in BREAKDOWNS},
+        **{f"by_{field}": recall_breakdown(scored, generations, by=field) for field in BREAKDOWNS
+           if field != "answer_distance" or all(field in record for record in scored)},  # older files lack it
         "generations": generations,
     }
     if lm_eval_path is not None:
@@ -236,7 +242,7 @@ def summarize_run(name: str, run_dir: Path, records: list[dict], records_path: P
 
 # ---------------------------------------------------------------------------------- tables
 def _group_order(field: str, groups) -> list[str]:
-    if field == "length_bucket":
+    if field in ("length_bucket", "answer_distance"):
         return sorted(groups, key=lambda g: int(g.split("-")[0]))
     if field == "num_records":
         return sorted(groups, key=int)
@@ -319,7 +325,8 @@ def write_markdown(results: dict, records_path: Path, path: Path) -> None:
         main_table(results) + "\n",
     ]
     for field, title in BREAKDOWNS.items():
-        parts += [f"## Recall by {title}\n", breakdown_table(results, field) + "\n"]
+        if all(f"by_{field}" in run for run in results.values()):
+            parts += [f"## Recall by {title}\n", breakdown_table(results, field) + "\n"]
     if any(run.get("copy_probe") for run in results.values()):
         parts += ["## Answer-copy probe\n",
                   "Copy gain in nats per token (benchmarks/lm_copy_probe.py): the loss of an answer value's tokens after its "
@@ -415,6 +422,9 @@ def build_report(runs: dict[str, Path], records_path: Path, out: Path, lm_eval: 
     if not runs:
         raise ValueError("give at least one --run NAME=RUN_DIR")
     records = load_recall_eval(records_path)
+    for record in records:
+        if "answer_distance_tokens" in record:
+            record["answer_distance"] = bucket_name(record["answer_distance_tokens"], DISTANCE_EDGES)
     results = {name: summarize_run(name, run_dir, records, records_path, lm_eval.get(name), probes.get(name))
                for name, run_dir in runs.items()}
     out.mkdir(parents=True, exist_ok=True)

@@ -12,12 +12,12 @@ from linmix.lm.model import BasedForCausalLM
 
 # Six records; run "based" gets r0 r1 r3 r5 right, run "attention" was evaluated with --limit 4 and gets r0 right.
 RECORDS = [
-    {"text": "Brelaford is here.\nQ: Where?\nA:", "value": "Brelaford", "length_bucket": "256-511", "num_records": 2, "layout": "prose"},
-    {"text": "| 1234567 |\nQ: Number?\nA:", "value": "1234567", "length_bucket": "256-511", "num_records": 3, "layout": "table"},
-    {"text": "Code: QX-1\nQ: Code?\nA:", "value": "QX-1", "length_bucket": "256-511", "num_records": 2, "layout": "key_value"},
-    {"text": "Zedford grew.\nQ: Town?\nA:", "value": "Zedford", "length_bucket": "512-1023", "num_records": 3, "layout": "prose"},
-    {"text": "| Alpha Works |\nQ: Maker?\nA:", "value": "Alpha Works", "length_bucket": "512-1023", "num_records": 10, "layout": "table"},
-    {"text": "Omega Labs made it.\nQ: Who?\nA:", "value": "Omega Labs", "length_bucket": "1024-2047", "num_records": 2, "layout": "prose"},
+    {"text": "Brelaford is here.\nQ: Where?\nA:", "value": "Brelaford", "length_bucket": "256-511", "num_records": 2, "layout": "prose", "answer_distance_tokens": 40},
+    {"text": "| 1234567 |\nQ: Number?\nA:", "value": "1234567", "length_bucket": "256-511", "num_records": 3, "layout": "table", "answer_distance_tokens": 200},
+    {"text": "Code: QX-1\nQ: Code?\nA:", "value": "QX-1", "length_bucket": "256-511", "num_records": 2, "layout": "key_value", "answer_distance_tokens": 300},
+    {"text": "Zedford grew.\nQ: Town?\nA:", "value": "Zedford", "length_bucket": "512-1023", "num_records": 3, "layout": "prose", "answer_distance_tokens": 700},
+    {"text": "| Alpha Works |\nQ: Maker?\nA:", "value": "Alpha Works", "length_bucket": "512-1023", "num_records": 10, "layout": "table", "answer_distance_tokens": 1500},
+    {"text": "Omega Labs made it.\nQ: Who?\nA:", "value": "Omega Labs", "length_bucket": "1024-2047", "num_records": 2, "layout": "prose", "answer_distance_tokens": 130},
 ]
 BASED_GENERATIONS = [" brelaford", " 1234567", " QX-2", " Zedford", " Beta Works", " Omega Labs"]
 ATTENTION_GENERATIONS = [" Brelaford", " 7654321", " QX-9", " Nowhere"]
@@ -109,6 +109,21 @@ def test_breakdown_tables_by_hand(report):
     assert by_records == {"2": ["66.7% (2/3)", "50.0% (1/2)"], "3": ["100.0% (2/2)", "0.0% (0/2)"], "10": ["0.0% (0/1)", "-"]}
     assert _table(markdown, "layout") == {"key_value": ["0.0% (0/1)", "0.0% (0/1)"], "prose": ["100.0% (3/3)", "50.0% (1/2)"],
                                           "table": ["50.0% (1/2)", "0.0% (0/1)"]}
+    # bytes from the stated value to the question: r0 40, r5 130, r1 200, r2 300, r3 700, r4 1500
+    by_distance = _table(markdown, "distance from where the record states the value")
+    assert list(by_distance) == ["0-127", "128-255", "256-511", "512-1023", "1024-2047"]  # numeric order
+    assert by_distance == {"0-127": ["100.0% (1/1)", "100.0% (1/1)"], "128-255": ["100.0% (2/2)", "0.0% (0/1)"],
+                           "256-511": ["0.0% (0/1)", "0.0% (0/1)"], "512-1023": ["100.0% (1/1)", "0.0% (0/1)"],
+                           "1024-2047": ["0.0% (0/1)", "-"]}
+
+
+def test_records_without_answer_distances_leave_out_that_table(report, tmp_path):
+    module, root, _, _, _ = report
+    records = tmp_path / "old_records.jsonl"
+    _write_jsonl(records, [{k: v for k, v in r.items() if k != "answer_distance_tokens"} for r in RECORDS])
+    results = module.build_report({"based": root / "based"}, records, tmp_path / "out")
+    assert "by_answer_distance" not in results["based"] and "by_layout" in results["based"]
+    assert "distance from where" not in (tmp_path / "out" / "results.md").read_text()
 
 
 def test_results_json_and_figures(report):

@@ -446,7 +446,7 @@ def _log_uniform(rng: random.Random, low: int, high: int) -> int:
     return int(round(math.exp(rng.uniform(math.log(low), math.log(high)))))
 
 
-def _bucket(tokens: int, edges: tuple[int, ...]) -> str:
+def bucket_name(tokens: int, edges: tuple[int, ...]) -> str:
     """``"256-511"`` style name of the bucket holding ``tokens`` (edges[i] <= tokens < edges[i+1])."""
     for low, high in zip(edges, edges[1:]):
         if low <= tokens < high:
@@ -476,7 +476,7 @@ def heldout_eval_records(config: RecallCorpusConfig) -> list[dict]:
         tokens = len(prompt.encode())
         records.append({
             "text": prompt, "value": answer, "context_tokens": tokens,
-            "length_bucket": _bucket(tokens, config.length_buckets), "num_records": len(document.records),
+            "length_bucket": bucket_name(tokens, config.length_buckets), "num_records": len(document.records),
             "layout": document.layout, "schema": document.schema, "attribute": attribute, "record_index": record_index,
             "answer_distance_tokens": tokens - len(prompt[: prompt.index(answer)].encode()),
             "shots": asked, "doc_id": f"heldout-{index}", "all_values": document.values, "document": document.text(),
