@@ -239,6 +239,31 @@ def test_model_init_keeps_mambas_timescale_init():
         bound = layer.dt_rank ** -0.5
         weight = layer.dt_proj.weight.detach()
         assert float(weight.abs().max()) <= bound and float(weight.std()) > 0.5 * bound / math.sqrt(3)
-    # every other linear still gets the GPT-2 init (std 0.02; out_proj scaled by 1/sqrt(2 n_layer))
-    assert float(layers[0].in_proj.weight.std()) == pytest.approx(0.02, rel=0.05)
-    assert float(layers[0].out_proj.weight.std()) == pytest.approx(0.02 / math.sqrt(2 * model.config.n_layer), rel=0.05)
+    # the other linears get the Mamba reference LM's init, not the GPT-2 one: PyTorch's kaiming-uniform
+    # (std 1/sqrt(3 fan_in)), out_proj scaled by 1/sqrt(n_layer) (no MLPs: one residual per layer)
+    n_layer, d_model, d_inner = model.config.n_layer, model.config.d_model, layers[0].d_inner
+    for layer in layers:
+        assert float(layer.in_proj.weight.detach().std()) == pytest.approx(1 / math.sqrt(3 * d_model), rel=0.05)
+        assert float(layer.x_proj.weight.detach().std()) == pytest.approx(1 / math.sqrt(3 * d_inner), rel=0.05)
+        assert float(layer.out_proj.weight.detach().abs().max()) <= 1 / math.sqrt(d_inner) / math.sqrt(n_layer)
+        assert float(layer.out_proj.weight.detach().std()) == pytest.approx(1 / math.sqrt(3 * d_inner * n_layer), rel=0.05)
+    # the embedding (tied head) keeps normal(0.02), as in the reference
+    assert float(model.lm_head.weight.detach().std()) == pytest.approx(0.02, rel=0.05)
+
+
+def test_hybrid_model_inits_each_mixer_its_own_way():
+    # Mamba layers get their reference's init; attention and MLP linears the GPT-2 one (out projections
+    # 1/sqrt(2 n_layer) with MLPs: two residual branches a layer), and Mamba's out_proj 1/sqrt(2 n_layer) too.
+    torch.manual_seed(0)
+    model = BasedForCausalLM.from_preset("based-tiny", layer_types=["mamba", "sliding_window"] * 2, vocab_size=257)
+    n_layer = model.config.n_layer
+    mamba = next(m for m in model.modules() if type(m).__name__ == "Mamba")
+    assert float(mamba.in_proj.weight.detach().std()) == pytest.approx(1 / math.sqrt(3 * model.config.d_model), rel=0.1)
+    assert float(mamba.out_proj.weight.detach().std()) == pytest.approx(1 / math.sqrt(3 * mamba.d_inner * 2 * n_layer), rel=0.1)
+    block = model.transformer.layers[1]
+    linears = {name: m for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    for name, linear in linears.items():
+        expected = 0.02 / math.sqrt(2 * n_layer) if name.endswith(("out_proj", "fc2")) else 0.02
+        assert float(linear.weight.detach().std()) == pytest.approx(expected, rel=0.1), name
+    with pytest.raises(ValueError, match="num_residual_layers"):
+        mamba.reset_parameters_for_lm(0)

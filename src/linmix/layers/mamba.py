@@ -121,6 +121,21 @@ class Mamba(CausalMixer):
         self.D = nn.Parameter(torch.ones(self.d_inner, device=device, dtype=dtype or torch.float32))
         self.D._no_weight_decay = True
 
+    def reset_parameters_for_lm(self, num_residual_layers: int) -> None:
+        """The Mamba reference LM's init (mamba_ssm's ``MixerModel``), used by a language model in place
+        of its own GPT-2 init for this layer: ``in_proj`` and ``x_proj`` get PyTorch's default
+        kaiming-uniform init, their biases and ``out_proj``'s are zero, and ``out_proj`` is
+        kaiming-uniform scaled by ``1/sqrt(num_residual_layers)`` (n_layer, or 2 n_layer with MLPs).
+        ``dt_proj``, ``A_log``, ``D`` and the convolution keep their own init."""
+        if isinstance(num_residual_layers, bool) or not isinstance(num_residual_layers, int) or num_residual_layers <= 0:
+            raise ValueError(f"num_residual_layers must be a positive integer, got {num_residual_layers!r}")
+        with torch.no_grad():
+            for linear in (self.in_proj, self.x_proj, self.out_proj):
+                nn.init.kaiming_uniform_(linear.weight, a=math.sqrt(5))
+                if linear.bias is not None:
+                    nn.init.zeros_(linear.bias)
+            self.out_proj.weight /= math.sqrt(num_residual_layers)
+
     # ----------------------------------------------------------------------------------------------
     def init_state(self, batch_size: int, *, device=None, dtype=None) -> MambaState:
         """Empty state: conv history ``[B, d_inner, d_conv - 1]`` (dtype) and SSM ``[B, d_inner, d_state]`` (fp32)."""

@@ -136,12 +136,16 @@ class BasedForCausalLM(nn.Module):
         return cls(preset(name, **overrides))
 
     def reset_parameters(self) -> None:
-        """GPT-2 style init: normal(0.02) for linears and embeddings, output projections scaled by
-        1/sqrt(2 * n_layer); biases zero. Mixer-specific parameters (conv, decays) keep their own init,
-        as do linear weights and biases a mixer marks ``_no_reinit`` (Mamba's ``dt_proj``, whose bias
-        sets the log-uniform range of timescales; the Mamba reference's init skips it the same way)."""
+        """GPT-2 style init (the BASED and Transformer++ references'): normal(0.02) for linears and
+        embeddings, output projections scaled by 1/sqrt(2 * n_layer); biases zero. Mixer-specific
+        parameters (conv, decays) keep their own init, as do linear weights and biases a mixer marks
+        ``_no_reinit``. A mixer with ``reset_parameters_for_lm`` (Mamba) gets its own reference's LM
+        init instead, so each architecture starts the way its authors train it."""
         std = self.config.initializer_range
+        own_init = {name: module for name, module in self.named_modules() if hasattr(module, "reset_parameters_for_lm")}
         for name, module in self.named_modules():
+            if any(name.startswith(prefix + ".") for prefix in own_init):
+                continue
             if isinstance(module, nn.Linear):
                 scale = 1 / math.sqrt(2 * self.config.n_layer) if name.endswith(("out_proj", "fc2")) else 1.0
                 if not getattr(module.weight, "_no_reinit", False):
@@ -150,6 +154,9 @@ class BasedForCausalLM(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=std)
+        residual_layers = self.config.n_layer * (2 if self.config.mlp_hidden > 0 else 1)
+        for module in own_init.values():
+            module.reset_parameters_for_lm(residual_layers)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights count once
