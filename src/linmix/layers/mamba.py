@@ -109,10 +109,6 @@ class Mamba(CausalMixer):
             dt = torch.exp(torch.rand(self.d_inner, device=device) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
             dt = dt.clamp(min=_DT_INIT_FLOOR)
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-        # A model-wide init (GPT-2 style normal(0.02), zero biases) must leave both alone: a zeroed bias
-        # makes every channel's delta softplus(0) = 0.69, i.e. one fast timescale and no long memory.
-        self.dt_proj.weight._no_reinit = True
-        self.dt_proj.bias._no_reinit = True
 
         # S4D-real initialisation: A[d, n] = -(n + 1).
         a = torch.arange(1, d_state + 1, dtype=torch.float32, device=device).repeat(self.d_inner, 1)
@@ -126,7 +122,8 @@ class Mamba(CausalMixer):
         of its own GPT-2 init for this layer: ``in_proj`` and ``x_proj`` get PyTorch's default
         kaiming-uniform init, their biases and ``out_proj``'s are zero, and ``out_proj`` is
         kaiming-uniform scaled by ``1/sqrt(num_residual_layers)`` (n_layer, or 2 n_layer with MLPs).
-        ``dt_proj``, ``A_log``, ``D`` and the convolution keep their own init."""
+        ``dt_proj``, ``A_log``, ``D`` and the convolution keep their own init: a zeroed ``dt_proj``
+        bias would make every channel's delta softplus(0) = 0.69, one fast timescale, no long memory."""
         if isinstance(num_residual_layers, bool) or not isinstance(num_residual_layers, int) or num_residual_layers <= 0:
             raise ValueError(f"num_residual_layers must be a positive integer, got {num_residual_layers!r}")
         with torch.no_grad():

@@ -138,9 +138,9 @@ class BasedForCausalLM(nn.Module):
     def reset_parameters(self) -> None:
         """GPT-2 style init (the BASED and Transformer++ references'): normal(0.02) for linears and
         embeddings, output projections scaled by 1/sqrt(2 * n_layer); biases zero. Mixer-specific
-        parameters (conv, decays) keep their own init, as do linear weights and biases a mixer marks
-        ``_no_reinit``. A mixer with ``reset_parameters_for_lm`` (Mamba) gets its own reference's LM
-        init instead, so each architecture starts the way its authors train it."""
+        parameters (conv, decays) keep their own init. A mixer with ``reset_parameters_for_lm`` (Mamba)
+        is left out of that and gets its own reference's LM init instead, so each architecture starts
+        the way its authors train it."""
         std = self.config.initializer_range
         own_init = {name: module for name, module in self.named_modules() if hasattr(module, "reset_parameters_for_lm")}
         for name, module in self.named_modules():
@@ -148,9 +148,8 @@ class BasedForCausalLM(nn.Module):
                 continue
             if isinstance(module, nn.Linear):
                 scale = 1 / math.sqrt(2 * self.config.n_layer) if name.endswith(("out_proj", "fc2")) else 1.0
-                if not getattr(module.weight, "_no_reinit", False):
-                    nn.init.normal_(module.weight, std=std * scale)
-                if module.bias is not None and not getattr(module.bias, "_no_reinit", False):
+                nn.init.normal_(module.weight, std=std * scale)
+                if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=std)
