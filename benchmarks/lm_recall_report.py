@@ -350,6 +350,13 @@ def _save_figure(figure, axes, path: Path, *, legend: bool) -> Path:
     plt.close(figure)
     return path
 
+def _percent_axis_top(values) -> float:
+    """The recall axis's top: 100 once a model passes 50 %, else zoomed (in steps of 5) so that a few
+    percent stay readable; always from 0, so the zoom is visible on the axis."""
+    highest = max(values, default=0.0)
+    return 100.0 if highest > 50 else max(5.0, 5.0 * math.ceil(highest * 1.25 / 5.0))
+
+
 def write_figures(results: dict, out: Path) -> list[Path]:
     import matplotlib
 
@@ -363,7 +370,7 @@ def write_figures(results: dict, out: Path) -> list[Path]:
         axes.annotate(name, (run["state_bytes"], 100 * run["recall"]["contains"]), textcoords="offset points",
                       xytext=(5, 5), fontsize=9)
     axes.set_xscale("log")
-    axes.set_ylim(0, 100)
+    axes.set_ylim(0, _percent_axis_top([100 * run["recall"]["contains"] for run in results.values()]))
     axes.set_xlabel(f"recurrent state bytes at {STATE_TOKENS} tokens (fp32, log scale)")
     axes.set_ylabel("recall contains (%)")
     axes.set_title("Recall vs state size")
@@ -377,7 +384,8 @@ def write_figures(results: dict, out: Path) -> list[Path]:
     axes.set_xticks(range(len(groups)), groups)
     axes.set_xlabel("context length (bytes)")
     axes.set_ylabel("recall contains (%)")
-    axes.set_ylim(0, 100)
+    axes.set_ylim(0, _percent_axis_top([100 * run["by_length_bucket"][g]["contains"]
+                                        for run in results.values() for g in run["by_length_bucket"]]))
     axes.set_title("Recall by context length")
     paths.append(_save_figure(figure, axes, out / "recall_vs_length.png", legend=True))
 

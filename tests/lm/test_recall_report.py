@@ -193,3 +193,12 @@ def test_bad_probe_arguments_are_clear_errors(report, capsys, tmp_path):
     _write_jsonl(not_a_probe, [{"step": 10, "loss": 3.0}])
     assert module.main(base + ["--probe", f"based={not_a_probe}"]) == 1
     assert "not a copy-probe file" in capsys.readouterr().err
+
+
+def test_recall_axis_zooms_on_small_scores_and_keeps_full_scale_past_half():
+    module = load_benchmark("lm_recall_report")
+    assert module._percent_axis_top([]) == 5.0
+    assert module._percent_axis_top([0.0, 0.0]) == 5.0
+    assert module._percent_axis_top([10.3, 4.2, 0.0]) == 15.0  # 10.3 * 1.25 = 12.9 -> next multiple of 5
+    assert module._percent_axis_top([40.0]) == 50.0
+    assert module._percent_axis_top([50.1, 2.0]) == 100.0
