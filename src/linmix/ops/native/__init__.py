@@ -62,7 +62,7 @@ __all__ = [
 
 CACHE_ENV = "LINMIX_CACHE_DIR"
 _SOURCES = ("bi_wkv.c", "q_shift.c", "elementwise.c", "selective_scan.c", "selective_scan_train.c")
-_HEADERS = ("fast_math.h",)
+_HEADERS = ("fast_math.h", "selective_scan_step.h")
 _FLAGS = ("-O3", "-march=native", "-std=c99", "-fPIC", "-shared") + (
     ("-mprefer-vector-width=512",) if platform.machine().lower() in ("x86_64", "amd64") else ()  # full AVX-512 width where present
 )

@@ -32,6 +32,7 @@
 #include <stdlib.h>
 
 #include "fast_math.h"
+#include "selective_scan_step.h"
 
 /* log(1 + e) for e in [0, 1], branch-free and accurate for tiny e: 2 atanh(s) with s = e / (2 + e)
  * in [0, 1/3], odd series to s^15 (truncation below 1e-8 relative). */
@@ -124,16 +125,7 @@ int linmix_cross_selective_scan_f32(const float *restrict u, const float *restri
                     du[c] = dt[c] * up[c];
                     acc[c] = d_skip[c] * up[c];
                 }
-                for (int64_t n = 0; n < N; ++n) {
-                    const float bn = bp[n], cn = cp[n];
-                    float *restrict hn = h + n * block;
-                    const float *restrict an = a + n * block;
-                    for (int64_t c = 0; c < nb; ++c) {
-                        const float next = linmix_exp_nonpositive(dt[c] * an[c]) * hn[c] + du[c] * bn;
-                        hn[c] = next;
-                        acc[c] += next * cn;
-                    }
-                }
+                linmix_selective_scan_token(h, a, dt, du, bp, cp, acc, N, nb, block);
                 float *restrict yp = y + p * channels + cb;
                 if (k == 0) {
                     for (int64_t c = 0; c < nb; ++c) yp[c] = acc[c];

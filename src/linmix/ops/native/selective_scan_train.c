@@ -35,6 +35,7 @@
 #include <string.h>
 
 #include "fast_math.h"
+#include "selective_scan_step.h"
 
 enum { TRAIN_MAX_BLOCK = 1024 };
 
@@ -70,16 +71,7 @@ int linmix_selective_scan_forward_f32(const float *restrict u, const float *rest
                 du[c] = dp[c] * up[c];
                 acc[c] = 0.0f;
             }
-            for (int64_t n = 0; n < N; ++n) {
-                const float bn = bp[n], cn = cp[n];
-                float *restrict hn = h + n * block;
-                const float *restrict an = a + n * block;
-                for (int64_t c = 0; c < nb; ++c) {
-                    const float next = linmix_exp_nonpositive(dt[c] * an[c]) * hn[c] + du[c] * bn;
-                    hn[c] = next;
-                    acc[c] += next * cn;
-                }
-            }
+            linmix_selective_scan_token(h, a, dt, du, bp, cp, acc, N, nb, block);
             float *restrict yp = y + t * channels + cb;
             for (int64_t c = 0; c < nb; ++c) yp[c] = acc[c];
         }
