@@ -350,6 +350,7 @@ def _save_figure(figure, axes, path: Path, *, legend: bool) -> Path:
     plt.close(figure)
     return path
 
+
 def _percent_axis_top(values) -> float:
     """The recall axis's top: 100 once a model passes 50 %, else zoomed (in steps of 5) so that a few
     percent stay readable; always from 0, so the zoom is visible on the axis."""
